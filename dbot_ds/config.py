@@ -1,0 +1,330 @@
+"""One typed config for a dBOT run: dataclasses, loaded from YAML, overridden from the CLI, validated once.
+
+Precedence (lowest first): dataclass defaults < the architecture named by `model.arch` < the YAML file
+(`--preset` or `--config`) < `key=value` overrides from the command line. Unknown keys and values of the
+wrong type fail with a message that names the key (and close matches). The resolved config is written into the
+run folder as `config.yaml` and stored in every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+# Architectures are presets of ModelConfig fields. Encoder params: B 86.6 M, L 304.3 M, H 630.8 M, g ~1.0 B,
+# G ~1.8 B. The decoder is the reference's (512 wide, 8 blocks, 16 heads) except for the toy sizes.
+_DEC = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+ARCHS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch4": dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0,
+                            decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
+    "vit_small_patch8": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=6, mlp_ratio=4.0,
+                             decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    "vit_base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, **_DEC),
+    "vit_large_patch16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, **_DEC),
+    "vit_huge_patch14": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0, **_DEC),
+    "vit_giant_patch14": dict(img_size=224, patch_size=14, embed_dim=1408, depth=40, num_heads=16,
+                              mlp_ratio=6144 / 1408, **_DEC),
+    "vit_gigantic_patch14": dict(img_size=224, patch_size=14, embed_dim=1664, depth=48, num_heads=16,
+                                 mlp_ratio=8192 / 1664, **_DEC),
+}
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_tiny_patch4"      # fills the fields below; any of them may still be set explicitly
+    img_size: int = 32                 # pixels
+    patch_size: int = 4                # pixels
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 64
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+    mask_ratio: float = 0.75           # fraction of patches hidden from the student
+    drop_path: float = 0.0             # student stochastic depth (teacher: always 0)
+    act_ckpt_every: int = 0            # activation checkpointing: 0 off, 1 every block, k every k-th block
+
+
+@dataclass
+class TeacherConfig:
+    init_depth: int = 0                # stage-0 teacher depth (reference: 12 for ViT-B, 0 for L/H)
+    final_norm: bool = False           # reference default tlayernorm=0: targets are pre-norm features
+    placement: str = "replicated"      # "replicated": plain bf16 module per rank; "zero3": partitioned engine
+    offload: bool = False              # with placement zero3: keep the teacher's partitions in CPU memory
+
+
+@dataclass
+class ScheduleConfig:
+    stage_epochs: list[float] = field(default_factory=list)  # e.g. [800, 800]; or use stage_steps
+    stage_steps: list[int] = field(default_factory=list)     # exactly one of stage_epochs / stage_steps
+    warmup_epochs: float = 0.0         # per stage; or warmup_steps (not both)
+    warmup_steps: int = 0
+    reset_optimizer: bool = False      # zero AdamW moments and step at each swap (reference keeps them)
+
+
+@dataclass
+class OptimConfig:
+    global_batch: int = 64             # images per optimizer step over all ranks
+    micro_batch: int = 32              # images per rank per forward; accumulation = global / (micro * world)
+    blr: float = 1.5e-4                # base LR; lr = blr * global_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip_grad: float = 0.0             # max global grad norm; 0 = no clipping
+    precision: str = "bf16"            # "bf16" or "fp32"
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""                   # webdataset pattern(s), e.g. /data/in1k/shard-{000000..001281}.tar
+    num_samples: int = 0               # images per epoch; 0 = read manifest.json beside the shards
+    num_workers: int = 4               # loader processes per rank
+    resampled: bool = True             # draw shards with replacement (infinite stream)
+    shuffle_buffer: int = 1000
+    synthetic_num: int = 0             # >0: generate this many synthetic images into `shards`' folder if missing
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "zero2"              # a name in ds_configs/ (zero2, zero3, zero3_offload) or a JSON path
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/demo"
+    seed: int = 0
+    log_every: int = 10                # steps between metric reductions (the only host syncs)
+    save_every: int = 500              # steps between checkpoints (plus one at every stage end)
+    keep_last: int = 3                 # periodic checkpoints kept; stage-end ones are always kept
+    tensorboard: bool = False
+    progress: bool = True
+    stop_after_steps: int = 0          # >0: stop cleanly after this many global steps (for tests / time slots)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and overriding
+
+
+def _resolve(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _unknown(key: str, choices: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(sorted(choices))}."
+    return ConfigError(f"unknown config key '{key}'.{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert `value` (from YAML or a CLI string) to `typ`, or raise ConfigError naming the key."""
+    origin = typing.get_origin(typ)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(typ)
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_coerce(key, v, item) for v in value]
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise TypeError
+        if typ is int:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AssertionError(f"unsupported config type {typ}")
+    raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _flatten(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """{'model': {'depth': 4}} -> {'model.depth': 4}, rejecting anything that is not section.key."""
+    flat = {}
+    sections = [f.name for f in dataclasses.fields(Config)]
+    for section, body in (raw or {}).items():
+        if section not in sections:
+            raise _unknown(section, sections)
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of keys, got {body!r}")
+        for key, value in body.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def _valid_keys() -> dict[str, Any]:
+    keys = {}
+    for section in dataclasses.fields(Config):
+        cls = _resolve(Config, section.name)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            keys[f"{section.name}.{f.name}"] = hints[f.name]
+    return keys
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """['optim.blr=1e-4', ...] -> {'optim.blr': '1e-4'}; each item must be section.key=value."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. optim.micro_batch=64)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, preset: str | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Build the run's Config from a preset name or YAML file plus CLI overrides; validate it."""
+    if path and preset:
+        raise ConfigError("give either --config or --preset, not both")
+    raw: dict[str, Any] = {}
+    if preset:
+        p = PRESET_DIR / f"{preset}.yaml"
+        if not p.exists():
+            names = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+            raise ConfigError(f"unknown preset '{preset}'; shipped presets: {', '.join(names)}")
+        path = p
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        raw = _flatten(yaml.safe_load(p.read_text()) or {}, str(p))
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    raw.update(overrides or {})
+    return build_config(raw)
+
+
+def build_config(flat: dict[str, Any]) -> Config:
+    """Flat {'section.key': value} -> validated Config (arch preset applied under explicit keys)."""
+    valid = _valid_keys()
+    for key in flat:
+        if key not in valid:
+            raise _unknown(key, list(valid))
+    cfg = Config()
+    arch = _coerce("model.arch", flat.get("model.arch", cfg.model.arch), str)
+    if arch not in ARCHS:
+        raise _unknown(arch, list(ARCHS)) from None
+    values = {f"model.{k}": v for k, v in ARCHS[arch].items()}
+    values.update(flat)
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, _coerce(key, value, valid[key]))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no DeepSpeed and no data: fail before anything is built."""
+    m, s, o, t = cfg.model, cfg.schedule, cfg.optim, cfg.teacher
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
+    for dim, heads, name in ((m.embed_dim, m.num_heads, "model.embed_dim/num_heads"),
+                             (m.decoder_embed_dim, m.decoder_num_heads, "model.decoder_embed_dim/decoder_num_heads")):
+        if dim % heads:
+            raise ConfigError(f"{name}: width {dim} is not divisible by {heads} heads")
+    if not 0.0 < m.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+    if m.act_ckpt_every < 0:
+        raise ConfigError("model.act_ckpt_every must be 0 (off), 1 (every block) or k (every k-th block)")
+    if not 0 <= t.init_depth <= m.depth:
+        raise ConfigError(f"teacher.init_depth={t.init_depth} must be between 0 and model.depth={m.depth}")
+    if t.placement not in ("replicated", "zero3"):
+        raise ConfigError(f"teacher.placement must be 'replicated' or 'zero3', got '{t.placement}'")
+    if t.offload and t.placement != "zero3":
+        raise ConfigError("teacher.offload=true needs teacher.placement=zero3")
+    if bool(s.stage_epochs) == bool(s.stage_steps):
+        raise ConfigError("set exactly one of schedule.stage_epochs (e.g. [800,800]) or schedule.stage_steps")
+    if any(x <= 0 for x in (s.stage_epochs or s.stage_steps)):
+        raise ConfigError("every stage length in schedule.stage_epochs/stage_steps must be > 0")
+    if s.warmup_epochs and s.warmup_steps:
+        raise ConfigError("set schedule.warmup_epochs or schedule.warmup_steps, not both")
+    if s.stage_steps and s.warmup_epochs:
+        raise ConfigError("stages given in steps: give the warmup in steps too (schedule.warmup_steps)")
+    if o.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"optim.precision must be 'bf16' or 'fp32', got '{o.precision}'")
+    if o.micro_batch <= 0 or o.global_batch <= 0 or o.global_batch % o.micro_batch:
+        raise ConfigError(f"optim.global_batch={o.global_batch} must be a positive multiple of "
+                          f"optim.micro_batch={o.micro_batch}")
+    if cfg.run.log_every <= 0 or cfg.run.save_every <= 0:
+        raise ConfigError("run.log_every and run.save_every must be > 0")
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step; error unless micro_batch x accumulation x world == global_batch."""
+    o = cfg.optim
+    per_step = o.micro_batch * world_size
+    if o.global_batch % per_step:
+        ok = [m for m in range(1, o.global_batch // world_size + 1) if o.global_batch % (m * world_size) == 0]
+        raise ConfigError(
+            f"optim.global_batch={o.global_batch} is not micro_batch ({o.micro_batch}) x accumulation x world size "
+            f"({world_size}) for any whole accumulation. Set optim.micro_batch to one of {ok[-6:]} or change "
+            f"optim.global_batch.")
+    return o.global_batch // per_step
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], keys: list[str]) -> dict[str, tuple[Any, Any]]:
+    """{'model.depth': (12, 24), ...} for the dotted keys (or whole sections) that differ between two dicts."""
+    out = {}
+    flat_old, flat_new = _flat_dict(old), _flat_dict(new)
+    for k in sorted(set(flat_old) | set(flat_new)):
+        if any(k == p or k.startswith(p + ".") for p in keys) and flat_old.get(k) != flat_new.get(k):
+            out[k] = (flat_old.get(k), flat_new.get(k))
+    return out
+
+
+def _flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

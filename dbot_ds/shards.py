@@ -1,0 +1,142 @@
+"""`dbot-shards`: write WebDataset shards (+ manifest.json) for dbot-ds.
+
+    dbot-shards synthetic --out data/synth --num 2000
+
+Each shard is ``shard-NNNNNN.tar`` holding samples ``{"__key__": "%08d", "jpg": JPEG bytes, "cls": int}``;
+``manifest.json`` next to them records the sample counts that :func:`dbot_ds.data.dataset_size` reads:
+``{"num_samples": N, "shards": [{"name": "shard-000000.tar", "num_samples": n}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+SHARD_NAME = "shard-{:06d}.tar"
+MANIFEST = "manifest.json"
+# Main shape per class (class % len); class // len picks filled vs outlined, so 10 classes are distinct.
+SHAPES = ("ellipse", "rectangle", "triangle", "pentagon", "star")
+
+
+# ------------------------------------------------------------------------------------- synthetic
+
+def _shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, angle: float, colour: tuple,
+           filled: bool) -> None:
+    """Draw one shape of radius ``r`` px centred at (cx, cy), rotated by ``angle`` degrees."""
+    fill, outline, width = (colour, None, 1) if filled else (None, colour, max(1, int(r / 5)))
+    if kind == "ellipse":
+        ry = r * 0.6
+        draw.ellipse((cx - r, cy - ry, cx + r, cy + ry), fill=fill, outline=outline, width=width)
+    elif kind == "rectangle":
+        draw.rectangle((cx - r, cy - 0.7 * r, cx + r, cy + 0.7 * r), fill=fill, outline=outline, width=width)
+    elif kind in ("triangle", "pentagon"):
+        sides = 3 if kind == "triangle" else 5
+        draw.regular_polygon((cx, cy, r), sides, rotation=angle, fill=fill, outline=outline, width=width)
+    else:  # 5-pointed star: alternate outer/inner radius
+        t = np.deg2rad(angle) + np.arange(10) * np.pi / 5
+        rad = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        pts = list(zip((cx + rad * np.cos(t)).tolist(), (cy + rad * np.sin(t)).tolist()))
+        draw.polygon(pts, fill=fill, outline=outline, width=width)
+
+
+def synthetic_image(rng: np.random.Generator, size: int, cls: int) -> Image.Image:
+    """A procedural RGB image (size x size): gradient background, a few small distractor shapes, one big
+    shape whose type/fill is set by ``cls``, plus Gaussian pixel noise."""
+    # Background: linear gradient between two random colours along a random direction.
+    c0, c1 = rng.integers(0, 256, (2, 3))
+    theta = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    t = np.cos(theta) * xx + np.sin(theta) * yy
+    t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+    img = Image.fromarray((c0 + (c1 - c0) * t[..., None]).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 4))):
+        _shape(draw, SHAPES[rng.integers(len(SHAPES))], *rng.uniform(0, size, 2), rng.uniform(0.05, 0.15) * size,
+               rng.uniform(0, 360), tuple(rng.integers(0, 256, 3).tolist()), bool(rng.integers(2)))
+    _shape(draw, SHAPES[cls % len(SHAPES)], *rng.uniform(0.35, 0.65, 2) * size, rng.uniform(0.2, 0.35) * size,
+           rng.uniform(0, 360), tuple(rng.integers(0, 256, 3).tolist()), (cls // len(SHAPES)) % 2 == 0)
+    pixels = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(2, 12), (size, size, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def _write_manifest(out_dir: Path, counts: list[int]) -> dict:
+    manifest = {"num_samples": sum(counts),
+                "shards": [{"name": SHARD_NAME.format(i), "num_samples": n} for i, n in enumerate(counts)]}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def write_synthetic_shards(out_dir: str | Path, num: int, *, img_size: int = 64, per_shard: int = 256,
+                           seed: int = 0, num_classes: int = 10) -> dict:
+    """Write ``num`` synthetic JPEG samples to ``out_dir/shard-NNNNNN.tar`` and return the manifest.
+
+    Deterministic given ``seed``: sample i uses its own RNG seeded by (seed, i), and tar mtimes are fixed,
+    so the same arguments give byte-identical shards.
+    """
+    if num < 1 or per_shard < 1:
+        raise ValueError(f"need num >= 1 and per_shard >= 1, got num={num}, per_shard={per_shard}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = []
+    for shard in range(math.ceil(num / per_shard)):
+        indices = range(shard * per_shard, min(num, (shard + 1) * per_shard))
+        with wds.TarWriter(str(out_dir / SHARD_NAME.format(shard)), mtime=0) as sink:
+            for i in indices:
+                rng = np.random.default_rng([seed, i])
+                cls = int(rng.integers(num_classes))
+                buf = io.BytesIO()
+                synthetic_image(rng, img_size, cls).save(buf, format="JPEG", quality=90)
+                sink.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "cls": str(cls).encode()})
+        counts.append(len(indices))
+    return _write_manifest(out_dir, counts)
+
+
+def shard_pattern(out_dir: str | Path) -> str:
+    """Shard pattern for a directory written by this module (from its manifest), e.g.
+    ``DIR/shard-{000000..000007}.tar``; falls back to '::'-joined paths for non-consecutive names."""
+    out_dir = Path(out_dir)
+    names = [e["name"] for e in json.loads((out_dir / MANIFEST).read_text())["shards"]]
+    if names == [SHARD_NAME.format(i) for i in range(len(names))]:
+        if len(names) == 1:
+            return str(out_dir / names[0])
+        return str(out_dir / f"shard-{{000000..{len(names) - 1:06d}}}.tar")
+    return "::".join(str(out_dir / n) for n in names)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def _cmd_synthetic(args: argparse.Namespace) -> int:
+    manifest = write_synthetic_shards(args.out, args.num, img_size=args.img_size, per_shard=args.per_shard,
+                                      seed=args.seed)
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
+    print(f"manifest: {Path(args.out) / MANIFEST}")
+    print(f"shard pattern: {shard_pattern(args.out)}")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dbot-shards", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("synthetic", help="procedural shapes-on-gradients JPEGs, for smoke tests")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num", type=int, required=True, help="number of samples")
+    p.add_argument("--img-size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--per-shard", type=int, default=256, help="samples per shard (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synthetic)
+    # Further sources (e.g. `imagenet`, `folder`) go here as more subparsers with their own func.
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
