@@ -115,9 +115,22 @@ def write_student_weights(engine, state: dict[str, torch.Tensor], stage: int, ra
             p.data.copy_(state[name].to(p.device, p.dtype))
 
 
+def _link_optimizer_state(engine) -> None:
+    """Make DeepSpeed's per-parameter views of the optimizer state cover every param group.
+
+    DeepSpeed 0.19.8 ZeRO-1/2 links them once, right after the first param group's first step, when the later
+    groups (here: the no-decay group) have no AdamW state yet; their params then have no 'exp_avg' and
+    safe_*_optimizer_state fails. Loading a checkpoint replaces the state tensors too. Re-link before use."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
 @torch.no_grad()
 def reset_adam(engine) -> None:
     """Zero AdamW's moments (through DeepSpeed's API) and its step counts, as a freshly built AdamW."""
+    _link_optimizer_state(engine)
     for p in engine.module.parameters():
         shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
         zeros = torch.zeros(shape, dtype=torch.float32, device=p.device if p.numel() else "cpu")
@@ -133,5 +146,6 @@ def reset_adam(engine) -> None:
 def adam_moments(engine, names: list[str]) -> dict[str, torch.Tensor]:
     """Full exp_avg of the named student params (a collective), for tests and diagnostics."""
     from deepspeed.utils import safe_get_full_optimizer_state
+    _link_optimizer_state(engine)
     params = dict(engine.module.named_parameters())
     return {n: safe_get_full_optimizer_state(params[n], "exp_avg").float().cpu() for n in names}

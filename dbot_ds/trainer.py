@@ -196,23 +196,23 @@ class Trainer:
             self.engine.step()
             loss = loss.detach()
             self.loss_sum += loss / self.accum
-            bad = ~torch.isfinite(loss) & (self.bad_step < 0)
-            self.bad_step = torch.where(bad, torch.full_like(self.bad_step, self.step), self.bad_step)
+            bad = ~torch.isfinite(loss) & (self.bad_step == 0)      # remember the first bad step (1-based)
+            self.bad_step = torch.where(bad, torch.full_like(self.bad_step, self.step + 1), self.bad_step)
 
     # -- sync points ---------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
+        self.bad_step = torch.zeros((), device=self.device, dtype=torch.long)
         self.window_start, self.window_step, self.data_wait_s = time.perf_counter(), self.step, 0.0
 
     def _sync_and_log(self) -> None:
         """Reduce the window's metrics over ranks (the host syncs of the run) and stop on a non-finite loss."""
         bad = int(all_reduce_max(self.bad_step.clone()).item())
-        if bad >= 0:
-            stage, t = self.plan.locate(bad)
+        if bad > 0:
+            stage, t = self.plan.locate(bad - 1)
             last = ckpt.find_resume_tag(self.ckpt_dir)
             raise NonFiniteLoss(
-                f"non-finite loss at stage {stage}, step {t} of the stage (global step {bad}). No checkpoint was "
+                f"non-finite loss at stage {stage}, step {t + 1} of the stage (global step {bad}). No checkpoint was "
                 f"written from this state; `--resume auto` restarts from {last or 'the beginning'}. Consider a "
                 "lower optim.blr, optim.clip_grad, or checking the data")
         steps = self.step - self.window_step

@@ -1,0 +1,68 @@
+"""Shared fixtures: a small synthetic shard set and helpers that start real training processes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny two-stage run used by the multi-process tests: 2 ranks x micro 8 = global 16, no loader workers.
+TINY = ["schedule.stage_epochs=[]", "schedule.warmup_epochs=0", "optim.global_batch=16", "optim.micro_batch=8",
+        "data.num_workers=0", "data.shuffle_buffer=32", "run.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    """A folder of 256 generated 64-px JPEGs in webdataset shards, with manifest.json."""
+    from dbot_ds.shards import write_synthetic_shards
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(out, 256, img_size=64, per_shard=64, seed=0)
+    return str(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def deepspeed_cmd(nproc: int) -> list[str]:
+    exe = shutil.which("deepspeed")
+    launcher = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return launcher + ["--num_gpus", str(nproc), "--master_port", str(free_port())]
+
+
+def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; on failure show its output's tail."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc.tail = (proc.stdout + proc.stderr)[-6000:]
+    return proc
+
+
+def launch_pretrain(nproc: int, overrides: list[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module dbot_ds.pretrain --preset demo ...` (or a plain process for N = 0)."""
+    if nproc:
+        cmd = deepspeed_cmd(nproc) + ["--module", "dbot_ds.pretrain", "--preset", "demo"] + overrides
+    else:
+        cmd = [sys.executable, "-m", "dbot_ds.pretrain", "--preset", "demo"] + overrides
+    proc = run(cmd)
+    assert proc.returncode == expect_rc, proc.tail
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
