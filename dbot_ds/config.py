@@ -247,7 +247,9 @@ def build_config(flat: dict[str, Any]) -> Config:
     cfg = Config()
     arch = _coerce("model.arch", flat.get("model.arch", cfg.model.arch), str)
     if arch not in ARCHS:
-        raise _unknown(arch, list(ARCHS)) from None
+        close = difflib.get_close_matches(arch, list(ARCHS), n=3, cutoff=0.5)
+        raise ConfigError(f"unknown model.arch '{arch}'. Did you mean: {', '.join(close or ARCHS)}? "
+                          "(or set model.embed_dim, model.depth, ... yourself on top of the closest one)")
     values = {f"model.{k}": v for k, v in ARCHS[arch].items()}
     values.update(flat)
     for key, value in values.items():

@@ -227,12 +227,22 @@ def _decode_augment(samples: Iterator[dict], *, img_size: int, crop_scale: tuple
         yield pil_to_tensor(img)  # uint8 [3, H, W]
 
 
+def _with_skip_counts(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, int]]:
+    """Attach to each batch the samples this worker skipped since its previous batch: the counter lives in the
+    worker process, and this is how the count reaches the trainer."""
+    seen = _skipped
+    for images in batches:
+        yield images, _skipped - seen
+        seen = _skipped
+
+
 # ------------------------------------------------------------------------------------------- loader
 
 def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_workers: int, seed: int,
                        rank: int, world_size: int, resampled: bool = True, shuffle_buffer: int = 1000,
-                       crop_scale: tuple[float, float] = (0.2, 1.0)) -> Iterable[torch.Tensor]:
-    """INFINITE iterable of uint8 image batches ``[micro_batch, 3, img_size, img_size]`` (CPU, pinned if CUDA).
+                       crop_scale: tuple[float, float] = (0.2, 1.0)) -> Iterable[tuple[torch.Tensor, int]]:
+    """INFINITE iterable of (uint8 image batch ``[micro_batch, 3, img_size, img_size]`` (CPU, pinned if CUDA),
+    number of samples skipped as unreadable since the producing worker's previous batch).
 
     resampled=True draws shards with replacement (per-worker RNG from seed/rank/worker); resampled=False
     walks epochs of a (seed, epoch)-shuffled shard list split across ranks and workers. Either way the stream
@@ -263,6 +273,7 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
         functools.partial(_decode_augment, img_size=img_size, crop_scale=tuple(crop_scale), seed=seed,
                           rank=rank),                    # uint8 [3, H, W]
         wds.batched(micro_batch, collation_fn=torch.stack, partial=False),  # uint8 [B, 3, H, W]
+        _with_skip_counts,                               # (uint8 [B, 3, H, W], skipped since last batch)
     )
     return torch.utils.data.DataLoader(
         pipeline,

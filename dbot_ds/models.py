@@ -56,7 +56,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, to
 
 
 def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
-    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]   # linear, as timm/MAE
     return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, drop_path=r) for r in rates)
 
 

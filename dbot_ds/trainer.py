@@ -15,7 +15,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
-from .data import build_train_loader, dataset_size, normalize, skipped_samples
+from .data import build_train_loader, dataset_size, normalize
 from .distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, world_size_from_env
 from .engine import full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
 from .metrics import MetricsLogger
@@ -97,7 +97,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         barrier()
-        self.step, self.samples_seen = 0, 0
+        self.step, self.samples_seen, self.skipped = 0, 0, 0
         self._build(tag)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.plan.total_steps, self.step,
                                      cfg.run.progress, cfg.run.tensorboard)
@@ -140,7 +140,7 @@ class Trainer:
             return
         client, teacher = ckpt.load(self.engine, self.ckpt_dir, tag)
         state = client["dbot"]
-        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.step, self.samples_seen, self.skipped = state["step"], state["samples_seen"], state.get("skipped", 0)
         self.teacher.rebuild(teacher["depth"], teacher["state"])
         if self.rank == 0:
             print(f"[dbot] resumed from {self.ckpt_dir / tag} at step {self.step} (stage {state['stage']})", flush=True)
@@ -185,7 +185,8 @@ class Trainer:
         set_lr(self.engine, self.plan.lr(self.step))
         for micro in range(self.accum):
             t0 = time.perf_counter()
-            images = next(self._batches())
+            images, skipped = next(self._batches())
+            self.skipped += skipped
             self.data_wait_s += time.perf_counter() - t0
             x = normalize(images.to(self.device, non_blocking=True), self.dtype)
             torch.manual_seed(mix_seed(self.cfg.run.seed, self.step, micro, self.rank))
@@ -216,7 +217,9 @@ class Trainer:
                 f"written from this state; `--resume auto` restarts from {last or 'the beginning'}. Consider a "
                 "lower optim.blr, optim.clip_grad, or checking the data")
         steps = self.step - self.window_step
-        loss = all_reduce_sum(self.loss_sum.clone()).item() / (self.world * steps)
+        skipped = torch.tensor(float(self.skipped), device=self.device, dtype=torch.float64)
+        loss_sum, skipped_all = all_reduce_sum(torch.stack([self.loss_sum, skipped])).tolist()
+        loss = loss_sum / (self.world * steps)
         dt = time.perf_counter() - self.window_start
         stage, t = self.plan.locate(self.step - 1)
         img_per_s = steps * self.cfg.optim.global_batch / dt
@@ -225,7 +228,7 @@ class Trainer:
             "stage": stage, "step": self.step, "step_in_stage": t + 1, "loss": loss, "lr": self.plan.lr(self.step - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else None, "img_per_s": img_per_s,
             "img_per_s_per_gpu": img_per_s / self.world, "data_wait_frac": self.data_wait_s / dt,
-            "samples_seen": self.samples_seen, "skipped_samples": skipped_samples(),
+            "samples_seen": self.samples_seen, "skipped_samples": int(skipped_all),
         })
         self._reset_window()
 
@@ -251,6 +254,6 @@ class Trainer:
 
     def client_state(self) -> dict:
         stage, _ = self.plan.locate(self.step)
-        return {"step": self.step, "stage": stage, "samples_seen": self.samples_seen,
+        return {"step": self.step, "stage": stage, "samples_seen": self.samples_seen, "skipped": self.skipped,
                 "data_seed": mix_seed(self.cfg.run.seed, self.step), "world_size": self.world,
                 "zero_stage": self.zstage, "plan_lengths": list(self.plan.lengths), "config": self.cfg.to_dict()}

@@ -48,7 +48,7 @@ class ProbeTrainer(Trainer):
     def fixed_loss(self) -> float:
         """Loss on one fixed batch with a fixed mask seed (eval mode: no drop-path)."""
         if self.fixed_batch is None:
-            self.fixed_batch = normalize(next(self._batches()).to(self.device), self.dtype)
+            self.fixed_batch = normalize(next(self._batches())[0].to(self.device), self.dtype)
             self.data_iter = None
         self.engine.module.eval()
         with torch.no_grad():

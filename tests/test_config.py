@@ -1,0 +1,81 @@
+"""Config loading, overrides, type checks, unknown keys, batch arithmetic, DeepSpeed JSON ownership."""
+import json
+
+import pytest
+import yaml
+
+from dbot_ds.config import ConfigError, grad_accum_steps, load_config, dump_config
+
+BASE = ["schedule.stage_steps=[2,2]"]
+
+
+def test_presets_resolve_architectures_and_overrides_win():
+    cfg = load_config(preset="vit_h", overrides=["model.img_size=448", "optim.micro_batch=64"])
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.patch_size, cfg.model.img_size) == (1280, 32, 14, 448)
+    assert cfg.optim.micro_batch == 64 and cfg.optim.global_batch == 4096 and cfg.model.drop_path == 0.3
+    custom = load_config(overrides=BASE + ["model.arch=vit_base_patch16", "model.depth=6"])
+    assert custom.model.embed_dim == 768 and custom.model.depth == 6
+
+
+def test_unknown_keys_name_close_matches():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.micro_bach'.*optim.micro_batch"):
+        load_config(overrides=BASE + ["optim.micro_bach=4"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.lr'.*optim.blr"):
+        load_config(overrides=BASE + ["optimizer.lr=4"])
+    with pytest.raises(ConfigError, match=r"unknown model.arch 'vit_huge_patch16'.*vit_huge_patch14"):
+        load_config(overrides=BASE + ["model.arch=vit_huge_patch16"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(preset="vit_x")
+
+
+def test_type_checks():
+    with pytest.raises(ConfigError, match="'optim.micro_batch' expects int, got 'abc'"):
+        load_config(overrides=BASE + ["optim.micro_batch=abc"])
+    with pytest.raises(ConfigError, match="expects int"):
+        load_config(overrides=BASE + ["optim.micro_batch=2.5"])
+    with pytest.raises(ConfigError, match="expects bool"):
+        load_config(overrides=BASE + ["run.tensorboard=maybe"])
+    cfg = load_config(overrides=["schedule.stage_steps=[3, 4]", "optim.blr=1e-3", "run.tensorboard=true"])
+    assert cfg.schedule.stage_steps == [3, 4] and cfg.optim.blr == 1e-3 and cfg.run.tensorboard is True
+
+
+def test_validation_errors():
+    with pytest.raises(ConfigError, match="exactly one of schedule.stage_epochs"):
+        load_config(overrides=["schedule.stage_steps=[2]", "schedule.stage_epochs=[1]"])
+    with pytest.raises(ConfigError, match="teacher.placement"):
+        load_config(overrides=BASE + ["teacher.placement=sharded"])
+    with pytest.raises(ConfigError, match="not a multiple of model.patch_size"):
+        load_config(overrides=BASE + ["model.img_size=30"])
+    with pytest.raises(ConfigError, match="teacher.init_depth=9"):
+        load_config(overrides=BASE + ["teacher.init_depth=9"])
+
+
+def test_batch_arithmetic():
+    cfg = load_config(overrides=BASE + ["optim.global_batch=4096", "optim.micro_batch=128"])
+    assert grad_accum_steps(cfg, 32) == 1 and grad_accum_steps(cfg, 8) == 4
+    with pytest.raises(ConfigError, match=r"micro_batch \(128\) x accumulation x world size \(24\)"):
+        grad_accum_steps(cfg, 24)
+
+
+def test_config_file_and_dump_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"arch": "vit_small_patch8"}, "schedule": {"stage_steps": [5]}}))
+    cfg = load_config(path=path, overrides=["run.seed=3"])
+    dump_config(cfg, tmp_path / "out.yaml")
+    again = load_config(path=tmp_path / "out.yaml")
+    assert again == cfg and again.model.embed_dim == 192 and again.run.seed == 3
+    path.write_text(yaml.safe_dump({"model": {"widht": 3}}))
+    with pytest.raises(ConfigError, match="model.widht"):
+        load_config(path=path)
+
+
+def test_deepspeed_json_may_not_restate_project_values(tmp_path):
+    from dbot_ds.engine import build_ds_config
+    cfg = load_config(overrides=BASE + ["optim.global_batch=64", "optim.micro_batch=16", "optim.clip_grad=3"])
+    ds = build_ds_config(cfg, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 16, 2)
+    assert ds["gradient_clipping"] == 3.0 and ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 2
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        build_ds_config(load_config(overrides=BASE + [f"deepspeed.config={bad}"]), 1)
