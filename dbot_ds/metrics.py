@@ -15,7 +15,7 @@ class MetricsLogger:
         self.enabled = rank == 0
         self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (self.enabled and progress),
-                        dynamic_ncols=True, unit="step")
+                        dynamic_ncols=True, unit="step", mininterval=2.0)
         self.tb = None
         if self.enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -11,19 +11,21 @@ from conftest import TINY, deepspeed_cmd, launch_pretrain, read_metrics, run
 
 # (DeepSpeed config, teacher placement, reset AdamW at the swap)
 CASES = [("zero2", "replicated", True), ("zero2", "zero3", False), ("zero3", "replicated", False),
-         ("zero3", "zero3", True)]
+         ("zero3", "zero3", True), ("zero3_offload", "zero3", True)]
 
 
 @pytest.mark.parametrize("ds,placement,reset", CASES, ids=[f"{d}-{p}-{'reset' if r else 'keep'}" for d, p, r in CASES])
 def test_stage_swap(tmp_path, shards, ds, placement, reset):
+    """One stage end per layout (zero3_offload: student, optimizer and teacher partitions in CPU memory)."""
     out = tmp_path / "probe"
     overrides = TINY + [f"run.out_dir={tmp_path}", f"data.shards={shards}", "schedule.stage_steps=[4,4]",
                         "schedule.warmup_steps=1", "run.log_every=2", "run.save_every=100",
-                        f"deepspeed.config={ds}", f"teacher.placement={placement}", f"schedule.reset_optimizer={reset}"]
+                        f"deepspeed.config={ds}", f"teacher.placement={placement}", f"schedule.reset_optimizer={reset}",
+                        f"teacher.offload={ds.endswith('offload')}"]
     proc = run(deepspeed_cmd(2) + ["tests/dist_probe.py", str(out)] + overrides)
     assert proc.returncode == 0, proc.tail
     r0, r1 = (json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["world"] == 2 and r0["zero_stage"] == int(ds[-1])
+    assert r0["world"] == 2 and r0["zero_stage"] == int(ds[4])
 
     # The new teacher is the student's encoder, bit for bit in the compute dtype, at the student's depth.
     assert r0["teacher_depth"] == 4
