@@ -79,3 +79,11 @@ def test_deepspeed_json_may_not_restate_project_values(tmp_path):
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
     with pytest.raises(ConfigError, match="train_batch_size"):
         build_ds_config(load_config(overrides=BASE + [f"deepspeed.config={bad}"]), 1)
+
+
+def test_readme_documents_every_config_key():
+    from pathlib import Path
+    from dbot_ds.config import _valid_keys
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [k for k in _valid_keys() if f"`{k}`" not in readme]
+    assert not missing, f"README's config table lacks {missing}"
