@@ -90,9 +90,13 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.pattern = resolve_shards(cfg, self.rank)
-        num_samples = cfg.data.num_samples or dataset_size(self.pattern)
+        try:   # bad data settings fail here, before the engine is built: missing shards, too few shards
+            num_samples = cfg.data.num_samples or dataset_size(self.pattern)
+            self._loader(seed=0)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from e
         self.plan: StagePlan = make_plan(cfg, num_samples // cfg.optim.global_batch)
-        tag = self._resume_tag(resume)
+        self.resume_dir, tag = self._resume_tag(resume)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -105,7 +109,8 @@ class Trainer:
         self._reset_window()
 
     # -- setup ---------------------------------------------------------------------------------------------
-    def _resume_tag(self, resume: str) -> str | None:
+    def _resume_tag(self, resume: str) -> tuple[Path, str | None]:
+        """(folder, tag) of the checkpoint to resume from; tag None for a fresh start."""
         from .engine import build_ds_config
         zstage = zero_stage(build_ds_config(self.cfg, self.world))
         self.zstage = zstage
@@ -113,20 +118,19 @@ class Trainer:
             if ckpt.complete_tags(self.ckpt_dir):
                 raise ConfigError(f"{self.ckpt_dir} already holds checkpoints; pass --resume auto to continue them "
                                   "or set run.out_dir to a new folder")
-            return None
+            return self.ckpt_dir, None
         ckpt_dir = self.ckpt_dir
         if resume != "auto":                                 # an explicit checkpoint folder
             path = Path(resume)
             ckpt_dir, tag = path.parent, path.name
             if not (path / "COMPLETE").exists():
                 raise ConfigError(f"--resume {path}: not a complete checkpoint (no COMPLETE marker)")
-            self.ckpt_dir = ckpt_dir
         else:
             tag = ckpt.find_resume_tag(ckpt_dir)
             if tag is None:
-                return None
+                return ckpt_dir, None
         check_resume(self.cfg, ckpt.read_meta(ckpt_dir, tag), self.world, zstage, tag)
-        return tag
+        return ckpt_dir, tag
 
     def _build(self, tag: str | None) -> None:
         cfg = self.cfg
@@ -138,12 +142,12 @@ class Trainer:
         if tag is None:              # stage 0's teacher is the student's own random initial encoder
             self.teacher.rebuild(self.plan.teacher_depths[0], initial_encoder)
             return
-        client, teacher = ckpt.load(self.engine, self.ckpt_dir, tag)
+        client, teacher = ckpt.load(self.engine, self.resume_dir, tag)
         state = client["dbot"]
         self.step, self.samples_seen, self.skipped = state["step"], state["samples_seen"], state.get("skipped", 0)
         self.teacher.rebuild(teacher["depth"], teacher["state"])
         if self.rank == 0:
-            print(f"[dbot] resumed from {self.ckpt_dir / tag} at step {self.step} (stage {state['stage']})", flush=True)
+            print(f"[dbot] resumed from {self.resume_dir / tag} at step {self.step} (stage {state['stage']})", flush=True)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -170,14 +174,16 @@ class Trainer:
         barrier()
         return self.run_dir
 
+    def _loader(self, seed: int):
+        d = self.cfg.data
+        return build_train_loader(self.pattern, img_size=self.cfg.model.img_size, micro_batch=self.cfg.optim.micro_batch,
+                                  num_workers=d.num_workers, seed=seed, rank=self.rank, world_size=self.world,
+                                  resampled=d.resampled, shuffle_buffer=d.shuffle_buffer)
+
     def _batches(self):
+        """The current data iterator; (re)built from (seed, step) after a checkpoint or at the start."""
         if self.data_iter is None:
-            d = self.cfg.data
-            loader = build_train_loader(
-                self.pattern, img_size=self.cfg.model.img_size, micro_batch=self.cfg.optim.micro_batch,
-                num_workers=d.num_workers, seed=mix_seed(self.cfg.run.seed, self.step), rank=self.rank,
-                world_size=self.world, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer)
-            self.data_iter = iter(loader)
+            self.data_iter = iter(self._loader(mix_seed(self.cfg.run.seed, self.step)))
         return self.data_iter
 
     def _train_step(self) -> None:

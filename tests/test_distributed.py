@@ -94,6 +94,8 @@ def test_resume_with_changed_model_fails(tmp_path, shards):
     assert "model.depth: 4 -> 2" in proc.tail
     proc = launch_pretrain(0, common + ["optim.global_batch=32"], expect_rc=2)
     assert "optim.global_batch: 16 -> 32" in proc.tail
+    proc = launch_pretrain(0, common + ["--resume", "none"], expect_rc=2)
+    assert "already holds checkpoints" in proc.tail
 
 
 def test_nonfinite_loss_stops_without_checkpoint(tmp_path, shards):
@@ -107,3 +109,10 @@ def test_nonfinite_loss_stops_without_checkpoint(tmp_path, shards):
     assert ckpts == ["step00000001", "step00000002"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"
     assert "restarts from step00000002" in proc.tail
+
+
+def test_missing_shards_fail_early_with_the_fix(tmp_path):
+    proc = launch_pretrain(0, TINY + [f"run.out_dir={tmp_path}", "schedule.stage_steps=[2]",
+                                      f"data.shards={tmp_path}/none/shard-{{000000..000003}}.tar"], expect_rc=2)
+    assert "shard-000000.tar" in proc.tail and "dbot-shards synthetic" in proc.tail
+    assert not (tmp_path / "checkpoints").exists()
