@@ -17,7 +17,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
 from .data import build_train_loader, dataset_size, normalize
 from .distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, world_size_from_env
-from .engine import full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
+from .engine import build_ds_config, full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
 from .metrics import MetricsLogger
 from .models import build_student
 from .objective import dbot_loss
@@ -96,6 +96,7 @@ class Trainer:
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from e
         self.plan: StagePlan = make_plan(cfg, num_samples // cfg.optim.global_batch)
+        self.zstage = zero_stage(build_ds_config(cfg, self.world))
         self.resume_dir, tag = self._resume_tag(resume)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,9 +112,6 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------------
     def _resume_tag(self, resume: str) -> tuple[Path, str | None]:
         """(folder, tag) of the checkpoint to resume from; tag None for a fresh start."""
-        from .engine import build_ds_config
-        zstage = zero_stage(build_ds_config(self.cfg, self.world))
-        self.zstage = zstage
         if resume == "none":
             if ckpt.complete_tags(self.ckpt_dir):
                 raise ConfigError(f"{self.ckpt_dir} already holds checkpoints; pass --resume auto to continue them "
@@ -129,7 +127,7 @@ class Trainer:
             tag = ckpt.find_resume_tag(ckpt_dir)
             if tag is None:
                 return ckpt_dir, None
-        check_resume(self.cfg, ckpt.read_meta(ckpt_dir, tag), self.world, zstage, tag)
+        check_resume(self.cfg, ckpt.read_meta(ckpt_dir, tag), self.world, self.zstage, tag)
         return ckpt_dir, tag
 
     def _build(self, tag: str | None) -> None:
