@@ -92,7 +92,8 @@ class DataConfig:
     shards: str = ""                   # webdataset pattern(s), e.g. /data/in1k/shard-{000000..001281}.tar
     num_samples: int = 0               # images per epoch; 0 = read manifest.json beside the shards
     num_workers: int = 4               # loader processes per rank
-    resampled: bool = True             # draw shards with replacement (infinite stream)
+    resampled: bool = True             # draw shards with replacement; false: exact epochs (needs manifest counts)
+    manifest: str = ""                 # manifest.json for remote shards (pipe:, http); local ones use their own
     shuffle_buffer: int = 1000
     synthetic_num: int = 0             # >0: generate this many synthetic images into `shards`' folder if missing
 

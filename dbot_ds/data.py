@@ -120,30 +120,83 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _worker_seed(seed: int, rank: int, stream: int) -> int:
-    return _mix_seed(seed, rank, _worker()[0], stream)
+# ----------------------------------------------------------------------------- epoch geometry (pure)
+
+def shard_counts(pattern: str, manifest: str | None = None) -> list[int]:
+    """Samples per shard, in the order of ``expand_shards(pattern)``, from manifest.json files.
+
+    Local shards use the manifest beside them; ``manifest`` (a path) serves remote ones (pipe:, http, s3),
+    matched by file name."""
+    shards = expand_shards(pattern)
+    tables: dict[str, dict[str, int]] = {}
+
+    def table(path: str) -> dict[str, int]:
+        if path not in tables:
+            if not os.path.exists(path):
+                raise ValueError(f"no manifest at {path}: per-shard sample counts are needed here; write shards with "
+                                 "`dbot-shards`, or set data.manifest, or use data.resampled=true")
+            with open(path) as f:
+                tables[path] = {e["name"]: int(e["num_samples"]) for e in json.load(f)["shards"]}
+        return tables[path]
+
+    counts = []
+    for url in shards:
+        local = _local_path(url)
+        name = os.path.basename(urlparse(url.split()[-1]).path if local is None else local)
+        where = manifest or (os.path.join(os.path.dirname(os.path.abspath(local)), "manifest.json") if local else None)
+        if where is None:
+            raise ValueError(f"shard {url!r} is remote: give its manifest.json as data.manifest to count its samples")
+        t = table(where)
+        if name not in t:
+            raise ValueError(f"{name} is not listed in {where}; regenerate the manifest or fix the pattern")
+        counts.append(t[name])
+    return counts
 
 
-def _node_worker_split(shards: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
-    """This (rank, worker)'s disjoint share of ``shards``: first by rank, then by worker."""
-    return shards[rank::world_size][worker::num_workers]
+def epoch_geometry(num_samples: int, world_size: int, num_workers: int, micro_batch: int) -> tuple[int, int]:
+    """(readers, images per reader per epoch) of the non-resampled stream.
+
+    Each of the R = world_size x max(num_workers, 1) readers owns a contiguous 1/R of the epoch's sample order
+    (at most ceil(N/R) samples) and yields exactly Q = micro_batch x ceil(ceil(N/R) / micro_batch) images, the
+    last few repeated from its own range. So every rank yields the same number of full batches and the
+    repeats per epoch are R x Q - N < R x micro_batch."""
+    readers = world_size * max(num_workers, 1)
+    per_reader = -(-num_samples // readers)
+    return readers, micro_batch * -(-per_reader // micro_batch)
 
 
-def _epoch_shards(shards: list[str], *, seed: int, rank: int, world_size: int) -> Iterator[dict]:
-    """Non-resampled shard source: each epoch every shard once, forever (epoch 0, 1, ...).
+def epoch_batches_per_rank(num_samples: int, world_size: int, num_workers: int, micro_batch: int) -> int:
+    """Micro-batches one rank receives per epoch in non-resampled mode."""
+    _, per_reader = epoch_geometry(num_samples, world_size, num_workers, micro_batch)
+    return per_reader // micro_batch * max(num_workers, 1)
 
-    The order is shuffled with an RNG seeded by (seed, epoch) only, so all ranks agree on it and the
-    rank/worker split is a partition. rank/world_size are explicit: torch.distributed may not be up yet.
-    """
-    worker, num_workers = _worker()
-    for epoch in itertools.count():
-        order = list(shards)
-        random.Random(_mix_seed(seed, epoch)).shuffle(order)
-        for url in _node_worker_split(order, rank, world_size, worker, num_workers):
-            yield {"url": url}
+
+def reader_ranges(counts: list[int], reader: int, readers: int) -> list[tuple[int, int, int]]:
+    """(shard index, first sample, end sample) pieces of reader's slice [r N/R, (r+1) N/R) of the samples of
+    the shards in the given order."""
+    total = sum(counts)
+    lo, hi = reader * total // readers, (reader + 1) * total // readers
+    out, offset = [], 0
+    for i, n in enumerate(counts):
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            out.append((i, a - offset, b - offset))
+        offset += n
+    return out
+
+
+def _epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """Shard order of one epoch: the same on every rank and worker (seeded by (seed, epoch) only)."""
+    order = list(range(num_shards))
+    random.Random(_mix_seed(seed, epoch)).shuffle(order)
+    return order
 
 
 # ------------------------------------------------------------------------------------ error handling
+
+class _BrokenData(RuntimeError):
+    """Nothing readable for a long while: broken data, not noise. Re-raised naming the shard pattern."""
+
 
 _skipped = 0
 _consecutive_skips = 0
@@ -161,7 +214,7 @@ def _skip(reason: str) -> None:
     _skipped += 1
     _consecutive_skips += 1
     if _consecutive_skips > _MAX_CONSECUTIVE_SKIPS:
-        raise RuntimeError(f"{_consecutive_skips} samples in a row could not be read (last: {reason}); "
+        raise _BrokenData(f"{_consecutive_skips} samples in a row could not be read (last: {reason}); "
                            "the shards look broken.")
     now = time.monotonic()
     if now - _last_warning >= _WARN_EVERY_S:
@@ -175,12 +228,28 @@ def _skip_handler(exn: Exception) -> bool:
     return True
 
 
-# -------------------------------------------------------------------------------- decode and augment
+# ------------------------------------------------------------------------------- reading and decoding
 
-def _seeded_shuffle(samples: Iterator[dict], *, bufsize: int, seed: int, rank: int) -> Iterator[dict]:
-    """wds.shuffle with an explicit per-worker RNG, created here (in the worker) so workers differ."""
-    rng = random.Random(_worker_seed(seed, rank, _SHUFFLE_STREAM))
-    return wds.shuffle(bufsize, initial=bufsize, rng=rng)(samples)
+def _raw_samples(url: str, start: int = 0, stop: int | None = None, count: bool = True) -> Iterator[dict]:
+    """Samples [start, stop) of one shard (local, pipe:, http ...). A shard that cannot be opened or read is
+    skipped through the handler; one that yields nothing counts as one skip too (else a reader could spin
+    forever on empty shards)."""
+    errors = 0
+
+    def handler(exn: Exception) -> bool:
+        nonlocal errors
+        errors += 1
+        return _skip_handler(exn) if count else True
+
+    n = 0
+    for i, sample in enumerate(wds.tarfile_to_samples(handler=handler)([{"url": url}])):
+        if stop is not None and i >= stop:
+            break
+        if i >= start:
+            n += 1
+            yield sample
+    if n == 0 and errors == 0 and count:
+        _skip(f"shard {url} gave no samples in [{start}, {stop})")
 
 
 def _load_rgb(data: bytes, min_side: int) -> Image.Image:
@@ -191,40 +260,153 @@ def _load_rgb(data: bytes, min_side: int) -> Image.Image:
     return img.convert("RGB")  # forces the full decode, so corrupt/truncated data raises here
 
 
-def _decode_augment(samples: Iterator[dict], *, img_size: int, crop_scale: tuple[float, float], seed: int,
-                    rank: int) -> Iterator[torch.Tensor]:
-    """Raw samples -> augmented uint8 tensors [3, img_size, img_size]. Unreadable samples are skipped."""
-    global _consecutive_skips
-    augment = v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
-        v2.RandomHorizontalFlip(),
-    ])
-    # The smallest crop (min scale, aspect 3/4) spans sqrt(0.75 * scale) of the short side; decoding the JPEG
-    # at no less than img_size / that keeps the crop at full output resolution.
-    draft_side = int(img_size / (0.75 * crop_scale[0]) ** 0.5) + 1
-    # torchvision transforms draw from torch's global RNG. We swap in our own RNG state around each call, so
-    # the augmentations are reproducible and the caller's (e.g. the trainer's, with num_workers=0) RNG is
-    # left untouched.
-    rng_state = torch.Generator().manual_seed(_worker_seed(seed, rank, _AUGMENT_STREAM)).get_state()
-    for sample in samples:
+class _Decoder:
+    """Raw sample -> augmented uint8 [3, S, S] (RandomResizedCrop bicubic + flip), or None if unreadable.
+
+    Each image's augmentation is seeded by its own integer, so a stream can skip ahead (resume) without
+    replaying the RNG, and the caller's global torch RNG is left as it was."""
+
+    def __init__(self, img_size: int, crop_scale: tuple[float, float]):
+        self.augment = v2.Compose([
+            v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip(),
+        ])
+        # The smallest crop (min scale, aspect 3/4) spans sqrt(0.75 * scale) of the short side; decoding the
+        # JPEG at no less than img_size / that keeps every crop at full output resolution.
+        self.draft_side = int(img_size / (0.75 * crop_scale[0]) ** 0.5) + 1
+
+    def image_bytes(self, sample: dict, count: bool) -> bytes | None:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if key is None:
+        if key is None and count:
             _skip(f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has none of {IMAGE_KEYS}")
-            continue
+        return None if key is None else sample[key]
+
+    def __call__(self, sample: dict, seed: int, count: bool = True, validate_only: bool = False):
+        global _consecutive_skips
+        data = self.image_bytes(sample, count)
+        if data is None:
+            return None
         try:
-            img = _load_rgb(sample[key], draft_side)
+            img = _load_rgb(data, 1 if validate_only else self.draft_side)   # 1: smallest DCT scale, cheap
         except Exception as exn:  # PIL raises a zoo of types for bad data
-            _skip(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: {exn!r}"[:300])
-            continue
-        outer_state = torch.get_rng_state()
-        torch.set_rng_state(rng_state)
-        try:
-            img = augment(img)
-            rng_state = torch.get_rng_state()
-        finally:
-            torch.set_rng_state(outer_state)
+            if count:
+                _skip(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: {exn!r}"[:300])
+            return None
         _consecutive_skips = 0
-        yield pil_to_tensor(img)  # uint8 [3, H, W]
+        if validate_only:
+            return True
+        outer = torch.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            return pil_to_tensor(self.augment(img))
+        finally:
+            torch.set_rng_state(outer)
+
+
+def _shuffled(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict]:
+    if bufsize <= 1:
+        return samples
+    return wds.shuffle(bufsize, initial=bufsize, rng=random.Random(seed))(samples)
+
+
+# ----------------------------------------------------------------------------------------- the readers
+
+def _resampled_images(shards: list[str], decode: _Decoder, *, seed: int, reader: int, shuffle_buffer: int):
+    """Endless images: shards drawn with replacement by a per-reader RNG, samples shuffled in a buffer."""
+    rng = random.Random(_mix_seed(seed, reader, _SHARD_STREAM))
+
+    def raw() -> Iterator[dict]:
+        while True:
+            yield from _raw_samples(rng.choice(shards))
+
+    index = 0
+    for sample in _shuffled(raw(), shuffle_buffer, _mix_seed(seed, reader, _SHUFFLE_STREAM)):
+        image = decode(sample, _mix_seed(seed, reader, _AUGMENT_STREAM, index))
+        if image is not None:
+            index += 1
+            yield image
+
+
+def _epoch_images(shards: list[str], counts: list[int], decode: _Decoder, *, seed: int, epoch: int, reader: int,
+                  readers: int, per_reader: int, skip: int, shuffle_buffer: int) -> Iterator[torch.Tensor]:
+    """Exactly `per_reader` images of one epoch for one reader, the first `skip` only validated (resume).
+
+    Pass 1 reads the reader's own slice (shuffled); corrupt samples are counted once here. Later passes pad up
+    to `per_reader` by re-reading the slice in order without counting again, and if the whole slice is
+    unreadable, the slices after it."""
+    order = _epoch_order(len(shards), seed, epoch)
+    ordered_counts = [counts[i] for i in order]
+    produced = 0
+
+    def emit(samples: Iterator[dict], count: bool) -> Iterator[torch.Tensor]:
+        nonlocal produced
+        for sample in samples:
+            if produced == per_reader:
+                return
+            replay = produced < skip        # resumed: already consumed (and counted) before the restart
+            ok = decode(sample, _mix_seed(seed, epoch, reader, produced), count=count and not replay,
+                        validate_only=replay)
+            if ok is None:
+                continue
+            produced += 1
+            if produced > skip:
+                yield ok
+
+    def slice_samples(r: int, count: bool) -> Iterator[dict]:
+        for i, a, b in reader_ranges(ordered_counts, r, readers):
+            yield from _raw_samples(shards[order[i]], a, b, count=count)
+
+    yield from emit(_shuffled(slice_samples(reader, True), shuffle_buffer, _mix_seed(seed, epoch, reader)), True)
+    for attempt in range(readers):          # padding passes: own slice first, then the next slices
+        if produced == per_reader:
+            return
+        before = produced
+        while produced < per_reader:
+            yield from emit(slice_samples((reader + attempt) % readers, False), False)
+            if produced == before:
+                break                        # this slice is unreadable: try the next one
+    if produced < per_reader:
+        raise _BrokenData("no readable sample in any shard")
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """One rank's stream; in each DataLoader worker it runs that worker's reader and batches inside it."""
+
+    def __init__(self, pattern: str, shards: list[str], counts: list[int] | None, *, img_size: int, micro_batch: int,
+                 seed: int, rank: int, world_size: int, shuffle_buffer: int, crop_scale: tuple[float, float],
+                 start_batch: int):
+        self.pattern, self.shards, self.counts = pattern, shards, counts
+        self.micro_batch, self.seed, self.rank, self.world_size = micro_batch, seed, rank, world_size
+        self.shuffle_buffer, self.start_batch = shuffle_buffer, start_batch
+        self.decode = _Decoder(img_size, tuple(crop_scale))
+
+    def images(self) -> Iterator[torch.Tensor]:
+        worker, workers = _worker()
+        # The DataLoader takes batches from its workers round-robin, starting with worker 0: worker w makes
+        # batches w, w + W, ... After `start_batch` batches, the next one belongs to reader start_batch % W, so
+        # the workers of a resumed stream take over the readers rotated by that much.
+        worker = (worker + self.start_batch) % workers
+        reader = self.rank * workers + worker
+        if self.counts is None:
+            yield from _resampled_images(self.shards, self.decode, seed=self.seed, reader=reader,
+                                         shuffle_buffer=self.shuffle_buffer)
+            return
+        readers, per_reader = epoch_geometry(sum(self.counts), self.world_size, workers, self.micro_batch)
+        done = self.start_batch // workers + (1 if worker < self.start_batch % workers else 0)
+        epoch, skip = divmod(done * self.micro_batch, per_reader)
+        for e in itertools.count(epoch):
+            yield from _epoch_images(self.shards, self.counts, self.decode, seed=self.seed, epoch=e, reader=reader,
+                                     readers=readers, per_reader=per_reader, skip=skip,
+                                     shuffle_buffer=self.shuffle_buffer)
+            skip = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        try:
+            batches = wds.batched(self.micro_batch, collation_fn=torch.stack, partial=False)(self.images())
+            yield from _with_skip_counts(batches)
+        except _BrokenData as e:
+            raise RuntimeError(f"{e}: the data of {self.pattern!r} could not be read (see the warnings above for "
+                               "the errors); check the paths, credentials of pipe:/http sources, and the files") from None
 
 
 def _with_skip_counts(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, int]]:
@@ -240,50 +422,37 @@ def _with_skip_counts(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.T
 
 def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_workers: int, seed: int,
                        rank: int, world_size: int, resampled: bool = True, shuffle_buffer: int = 1000,
-                       crop_scale: tuple[float, float] = (0.2, 1.0)) -> Iterable[tuple[torch.Tensor, int]]:
-    """INFINITE iterable of (uint8 image batch ``[micro_batch, 3, img_size, img_size]`` (CPU, pinned if CUDA),
-    number of samples skipped as unreadable since the producing worker's previous batch).
+                       crop_scale: tuple[float, float] = (0.2, 1.0), start_batch: int = 0,
+                       manifest: str | None = None) -> torch.utils.data.DataLoader:
+    """INFINITE iterable of (uint8 image batch [micro_batch, 3, img_size, img_size] (CPU, pinned if CUDA),
+    samples skipped as unreadable since the producing worker's previous batch).
 
-    resampled=True draws shards with replacement (per-worker RNG from seed/rank/worker); resampled=False
-    walks epochs of a (seed, epoch)-shuffled shard list split across ranks and workers. Either way the stream
-    never ends and is reproducible for a fixed (seed, rank, num_workers).
+    resampled=True: shards drawn with replacement; reproducible for a fixed (seed, rank, num_workers); resume
+    by building a new stream with a new seed. resampled=False: epochs of exact coverage (see
+    `epoch_geometry`), shard order seeded by (seed, epoch); `start_batch` = micro-batches this rank already
+    consumed, so a resumed stream continues exactly where the old one stopped.
     """
     shards = expand_shards(pattern)
-    if resampled:
-        source = wds.ResampledShards(
-            shards, seed=seed, deterministic=True,
-            worker_seed=functools.partial(_worker_seed, seed, rank, _SHARD_STREAM),
-        )
-    else:
+    counts = None
+    if not resampled:
+        counts = shard_counts(pattern, manifest)
         readers = world_size * max(num_workers, 1)
         if len(shards) < readers:
-            # A reader without shards would loop over empty epochs forever and hang its rank.
             raise ValueError(
-                f"resampled=False needs at least one shard per reader, but {len(shards)} shards < "
+                f"data.resampled=false needs at least one shard per reader, but {len(shards)} shards < "
                 f"{world_size} ranks x {max(num_workers, 1)} workers = {readers}. Write more (smaller) shards, "
-                "use fewer data workers, or set resampled=True."
-            )
-        source = functools.partial(_epoch_shards, shards, seed=seed, rank=rank, world_size=world_size)
-
-    pipeline = wds.DataPipeline(
-        source,                                          # {"url": ...}, forever
-        wds.tarfile_to_samples(handler=_skip_handler),   # {"__key__", "jpg", ...} raw bytes
-        functools.partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed, rank=rank)
-        if shuffle_buffer > 1 else None,                 # None stages are dropped by DataPipeline
-        functools.partial(_decode_augment, img_size=img_size, crop_scale=tuple(crop_scale), seed=seed,
-                          rank=rank),                    # uint8 [3, H, W]
-        wds.batched(micro_batch, collation_fn=torch.stack, partial=False),  # uint8 [B, 3, H, W]
-        _with_skip_counts,                               # (uint8 [B, 3, H, W], skipped since last batch)
-    )
+                "use fewer data workers (data.num_workers), or set data.resampled=true.")
+    stream = _Stream(pattern, shards, counts, img_size=img_size, micro_batch=micro_batch, seed=seed, rank=rank,
+                     world_size=world_size, shuffle_buffer=shuffle_buffer, crop_scale=crop_scale,
+                     start_batch=start_batch)
     return torch.utils.data.DataLoader(
-        pipeline,
+        stream,
         batch_size=None,  # batched inside the workers
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
-        # The DataLoader draws its workers' base seed from this generator; by default it would consume (and
-        # depend on) the caller's global torch RNG. Our stages seed themselves, so this only keeps things tidy.
+        # The DataLoader draws worker base seeds from this generator instead of the caller's global RNG.
         generator=torch.Generator().manual_seed(_mix_seed(seed, rank)),
     )
 

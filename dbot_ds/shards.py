@@ -1,6 +1,8 @@
 """`dbot-shards`: write WebDataset shards (+ manifest.json) for dbot-ds.
 
     dbot-shards synthetic --out data/synth --num 2000
+    dbot-shards imagenet --src ILSVRC2012_img_train.tar --out data/in1k   # see dbot_ds.shard_writer
+    dbot-shards folder --src photos/ --out data/photos
 
 Each shard is ``shard-NNNNNN.tar`` holding samples ``{"__key__": "%08d", "jpg": JPEG bytes, "cls": int}``;
 ``manifest.json`` next to them records the sample counts that :func:`dbot_ds.data.dataset_size` reads:
@@ -66,9 +68,12 @@ def synthetic_image(rng: np.random.Generator, size: int, cls: int) -> Image.Imag
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def _write_manifest(out_dir: Path, counts: list[int]) -> dict:
+def _write_manifest(out_dir: Path, counts: list[int], extra: dict | None = None) -> dict:
+    """Write ``manifest.json`` for shards 0..len(counts)-1 holding ``counts`` samples; ``extra`` keys
+    (provenance such as seed or source) are appended after the ones the loader reads."""
     manifest = {"num_samples": sum(counts),
-                "shards": [{"name": SHARD_NAME.format(i), "num_samples": n} for i, n in enumerate(counts)]}
+                "shards": [{"name": SHARD_NAME.format(i), "num_samples": n} for i, n in enumerate(counts)],
+                **(extra or {})}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -132,7 +137,9 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--per-shard", type=int, default=256, help="samples per shard (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synthetic)
-    # Further sources (e.g. `imagenet`, `folder`) go here as more subparsers with their own func.
+    # Imported here because shard_writer imports this module.
+    from dbot_ds.shard_writer import add_commands
+    add_commands(commands)  # `imagenet` and `folder`
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -71,7 +71,7 @@ class StagePlan:
         return steps_done in set(accumulate(self.lengths))
 
 
-def make_plan(cfg: Config, steps_per_epoch: int) -> StagePlan:
+def make_plan(cfg: Config, steps_per_epoch: float) -> StagePlan:
     """Turn the schedule config (epochs or steps) into a StagePlan; epochs use `steps_per_epoch`."""
     s = cfg.schedule
     if s.stage_epochs:

@@ -1,8 +1,10 @@
 """The dBOT training loop on DeepSpeed: all stages, teacher swaps and checkpoints in one run.
 
 Determinism (what makes resume exact): the masking / drop-path RNG is reseeded from (seed, step, micro-step,
-rank) before every forward, and the data stream is rebuilt from (seed, step) at the start of the run and after
-every checkpoint. A resumed run therefore sees the same batches and masks as one that never stopped.
+rank) before every forward. The data stream is either resampled and rebuilt from (seed, step) at the start of
+the run and after every checkpoint, or (data.resampled=false) one seeded stream of exact epochs that a resumed
+run re-enters at the micro-batch where it stopped. Either way a resumed run sees the same batches and masks as
+one that never stopped.
 No host sync per step: losses and the first non-finite step are accumulated on the device and reduced only at
 log steps, stage ends and checkpoints.
 """
@@ -15,7 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
-from .data import build_train_loader, dataset_size, normalize
+from .data import build_train_loader, dataset_size, epoch_batches_per_rank, normalize, shard_counts
 from .distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, world_size_from_env
 from .engine import build_ds_config, full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
 from .metrics import MetricsLogger
@@ -90,19 +92,18 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.pattern = resolve_shards(cfg, self.rank)
+        self.step, self.samples_seen, self.skipped = 0, 0, 0
         try:   # bad data settings fail here, before the engine is built: missing shards, too few shards
-            num_samples = cfg.data.num_samples or dataset_size(self.pattern)
-            self._loader(seed=0)
+            self.plan: StagePlan = make_plan(cfg, self._steps_per_epoch())
+            self._loader()
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from e
-        self.plan: StagePlan = make_plan(cfg, num_samples // cfg.optim.global_batch)
         self.zstage = zero_stage(build_ds_config(cfg, self.world))
         self.resume_dir, tag = self._resume_tag(resume)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         barrier()
-        self.step, self.samples_seen, self.skipped = 0, 0, 0
         self._build(tag)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.plan.total_steps, self.step,
                                      cfg.run.progress, cfg.run.tensorboard)
@@ -172,16 +173,33 @@ class Trainer:
         barrier()
         return self.run_dir
 
-    def _loader(self, seed: int):
+    def _steps_per_epoch(self) -> float:
+        """Resampled: N // global_batch, as the reference's drop-last loader. Exact epochs: the loader's epoch
+        (every sample once, plus < readers x micro_batch repeats so every rank gets whole batches)."""
+        d, o = self.cfg.data, self.cfg.optim
+        if d.resampled:
+            return (d.num_samples or dataset_size(self.pattern)) // o.global_batch
+        total = sum(shard_counts(self.pattern, d.manifest or None))
+        if d.num_samples and d.num_samples != total:
+            raise ConfigError(f"data.num_samples={d.num_samples} but the manifest counts {total} samples; "
+                              "leave data.num_samples at 0 with data.resampled=false")
+        return epoch_batches_per_rank(total, self.world, d.num_workers, o.micro_batch) / self.accum
+
+    def _loader(self):
+        """The data stream from the current step. Resampled: reseeded by (seed, step). Exact epochs: one seed
+        for the run, positioned after the micro-batches this rank already consumed."""
         d = self.cfg.data
+        seed, start = ((mix_seed(self.cfg.run.seed, self.step), 0) if d.resampled
+                       else (self.cfg.run.seed, self.step * self.accum))
         return build_train_loader(self.pattern, img_size=self.cfg.model.img_size, micro_batch=self.cfg.optim.micro_batch,
                                   num_workers=d.num_workers, seed=seed, rank=self.rank, world_size=self.world,
-                                  resampled=d.resampled, shuffle_buffer=d.shuffle_buffer)
+                                  resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, start_batch=start,
+                                  manifest=d.manifest or None)
 
     def _batches(self):
-        """The current data iterator; (re)built from (seed, step) after a checkpoint or at the start."""
+        """The current data iterator, built at the start, on resume, and (resampled) after each checkpoint."""
         if self.data_iter is None:
-            self.data_iter = iter(self._loader(mix_seed(self.cfg.run.seed, self.step)))
+            self.data_iter = iter(self._loader())
         return self.data_iter
 
     def _train_step(self) -> None:
@@ -253,7 +271,8 @@ class Trainer:
         tag = ckpt.save(self.engine, self.teacher, self.ckpt_dir, self.step, self.client_state(), stage_end,
                         self.cfg.run.keep_last)
         self.metrics.event("checkpoint", step=self.step, tag=tag, stage_end=stage_end)
-        self.data_iter = None        # the stream restarts from (seed, step): resume sees the same batches
+        if self.cfg.data.resampled:
+            self.data_iter = None    # the stream restarts from (seed, step): resume sees the same batches
         self._reset_window()
 
     def client_state(self) -> dict:

@@ -61,13 +61,15 @@ def _losses(run_dir) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
 
 
-@pytest.mark.parametrize("ds,placement", [("zero2", "replicated"), ("zero3", "zero3")])
-def test_resume_matches_uninterrupted(tmp_path, shards, ds, placement):
+@pytest.mark.parametrize("ds,placement,resampled", [("zero2", "replicated", True), ("zero3", "zero3", True),
+                                                   ("zero2", "replicated", False)])
+def test_resume_matches_uninterrupted(tmp_path, shards, ds, placement, resampled):
     """Stop mid-stage (with a half-written newer checkpoint lying around) and right after a swap; resume each
     time; the losses equal an uninterrupted run's. Tolerance: 1e-6 absolute (the runs are deterministic on CPU,
     so in practice the values are identical)."""
     common = TINY + [f"data.shards={shards}", "schedule.stage_steps=[6,6]", "schedule.warmup_steps=2",
-                     "run.log_every=1", "run.save_every=4", f"deepspeed.config={ds}", f"teacher.placement={placement}"]
+                     "run.log_every=1", "run.save_every=4", f"deepspeed.config={ds}", f"teacher.placement={placement}",
+                     f"data.resampled={resampled}"]
     full, parts = tmp_path / "full", tmp_path / "parts"
     launch_pretrain(2, common + [f"run.out_dir={full}"])
     launch_pretrain(2, common + [f"run.out_dir={parts}", "run.stop_after_steps=5"])   # last checkpoint: step 4

@@ -1,0 +1,291 @@
+"""`dbot-bench`: throughput benchmarks for dbot-ds.
+
+    dbot-bench fixture --out /tmp/benchfix --num 1200
+    dbot-bench data --shards '/tmp/benchfix/shard-{000000..000004}.tar' --baseline-dir /tmp/benchfix/files \
+        --workers 2 --steps 20 --batch 64
+
+`data` times our webdataset loader (:func:`dbot_ds.data.build_train_loader` + :func:`~dbot_ds.data.normalize`)
+against the usual torchvision ImageFolder + DataLoader pipeline on the same JPEGs, and prints a summary
+whose last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import PIL
+import torch
+import torchvision
+import webdataset as wds
+from PIL import Image, features
+from torchvision import datasets, transforms
+from torchvision.transforms import v2
+from torchvision.transforms.functional import pil_to_tensor
+
+from dbot_ds.data import IMAGE_KEYS, IMAGENET_MEAN, IMAGENET_STD, build_train_loader, expand_shards, normalize
+
+CROP_SCALE = (0.2, 1.0)
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+def _device() -> torch.device:
+    """Where batches are normalised: the GPU as in the trainer, else (this benchmark on a CPU box) the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _timed(batches: Iterator, consume: Callable[[object], int], warmup: int, steps: int) -> float:
+    """Images per second (wall clock) over ``steps`` batches, after ``warmup`` untimed ones.
+
+    ``consume(batch)`` finishes one batch (e.g. normalises it) and returns its number of images.
+    """
+    for _ in range(warmup):
+        consume(next(batches))
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images += consume(next(batches))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return images / (time.perf_counter() - start)
+
+
+def bench_ours(pattern: str, *, workers: int, batch: int, img_size: int, warmup: int, steps: int,
+               seed: int = 0) -> float:
+    """img/s of build_train_loader (decode + crop in workers, uint8 batches) + normalize on :func:`_device`."""
+    device = _device()
+
+    def consume(item: tuple[torch.Tensor, int]) -> int:
+        images, _ = item
+        normalize(images.to(device, non_blocking=True))
+        return images.shape[0]
+
+    loader = build_train_loader(pattern, img_size=img_size, micro_batch=batch, num_workers=workers, seed=seed,
+                                rank=0, world_size=1)
+    return _timed(iter(loader), consume, warmup, steps)
+
+
+def reference_transform(img_size: int) -> transforms.Compose:
+    """The usual ImageNet pre-training transform: PIL crop/flip, float tensor, per-image normalisation."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(img_size, scale=CROP_SCALE, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def bench_baseline(root: str, *, workers: int, batch: int, img_size: int, warmup: int, steps: int,
+                   seed: int = 0) -> float:
+    """img/s of torchvision ImageFolder + reference transform in a shuffling, drop_last DataLoader."""
+    dataset = datasets.ImageFolder(root, transform=reference_transform(img_size))
+    if len(dataset) < batch:
+        raise ValueError(f"{root} has {len(dataset)} images, fewer than one batch of {batch}")
+    # shuffle=True, spelled as a sampler that draws successive permutations for exactly the batches we time:
+    # one long "epoch", so runs longer than the folder do not stall at epoch boundaries (this favours the
+    # baseline a little).
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=(warmup + steps) * batch,
+                                             generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                                         drop_last=True, pin_memory=torch.cuda.is_available())
+    device = _device()
+
+    def consume(item: tuple[torch.Tensor, torch.Tensor]) -> int:
+        item[0].to(device, non_blocking=True)  # already normalised floats
+        return item[0].shape[0]
+
+    return _timed(iter(loader), consume, warmup, steps)
+
+
+# ------------------------------------------------------------------------------- shards -> folders
+
+def _samples(pattern: str) -> Iterable[dict]:
+    """Raw webdataset samples ({"__key__", "jpg", "cls", ...} as bytes) of every shard, in order."""
+    return wds.DataPipeline(wds.SimpleShardList(expand_shards(pattern)), wds.tarfile_to_samples())
+
+
+def extract_to_folders(pattern: str, root: str | Path) -> int:
+    """Write the shards' images to ``root/<cls>/<key>.<ext>`` (class "0" when a sample has no ``cls``), so
+    ImageFolder reads the very same bytes. Returns the number of images."""
+    count = 0
+    for sample in _samples(pattern):
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            continue
+        cls = sample["cls"].decode().strip() if "cls" in sample else "0"
+        class_dir = Path(root) / cls
+        class_dir.mkdir(parents=True, exist_ok=True)
+        (class_dir / f"{sample['__key__'].replace('/', '_')}.{key}").write_bytes(sample[key])
+        count += 1
+    return count
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+def _ms_per(fn: Callable, items: list) -> tuple[float, list]:
+    """(ms per item, outputs) of ``fn`` over ``items``."""
+    start = time.perf_counter()
+    out = [fn(x) for x in items]
+    return (time.perf_counter() - start) * 1e3 / max(len(items), 1), out
+
+
+def profile_stages(pattern: str, *, img_size: int, batch: int, num: int = 256) -> dict[str, float]:
+    """ms per image of each stage of our worker pipeline, run in this process on one thread (as a worker
+    does), plus the baseline's extra stages and two faster alternatives. Covers the first ``num`` images.
+
+    IPC is estimated as the copy of a batch into shared memory, which the worker's pickler makes because
+    ``torch.stack`` allocates ordinary memory.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        raw = [s[next(k for k in IMAGE_KEYS if k in s)] for _, s in zip(range(num), _samples(pattern))]
+        ms = {"read_tar": (time.perf_counter() - start) * 1e3 / len(raw)}
+        draft = int(img_size / (0.75 * CROP_SCALE[0]) ** 0.5) + 1  # as data.py
+        ms["decode_pil"], imgs = _ms_per(lambda b: _decode_pil(b, draft), raw)
+        augment = v2.Compose([v2.RandomResizedCrop(img_size, scale=CROP_SCALE,
+                                                   interpolation=v2.InterpolationMode.BICUBIC),
+                              v2.RandomHorizontalFlip()])
+        ms["crop_resize_flip_pil"], crops = _ms_per(augment, imgs)
+        ms["to_uint8_tensor"], tensors = _ms_per(pil_to_tensor, crops)
+        batches = [tensors[i:i + batch] for i in range(0, len(tensors) - batch + 1, batch)] or [tensors]
+        ms["collate_stack"], stacked = _ms_per(torch.stack, batches)
+        ms["ipc_copy_to_shm"], _ = _ms_per(lambda t: t.clone().share_memory_(), stacked)
+        ms["normalize_batch_cpu"], _ = _ms_per(normalize, stacked)
+        for key in ("collate_stack", "ipc_copy_to_shm", "normalize_batch_cpu"):  # per batch -> per image
+            ms[key] /= len(batches[0])
+        ms["ours_worker_total"] = sum(ms[k] for k in ("read_tar", "decode_pil", "crop_resize_flip_pil",
+                                                      "to_uint8_tensor", "collate_stack", "ipc_copy_to_shm"))
+        # Baseline-only work, and faster alternatives for data.py.
+        ms["baseline_totensor_normalize"], _ = _ms_per(transforms.Compose(reference_transform(img_size)
+                                                                          .transforms[2:]), crops)
+        ms["alt_decode_torchvision_io"], decoded = _ms_per(
+            lambda b: torchvision.io.decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8),
+                                                 mode=torchvision.io.ImageReadMode.RGB), raw)
+        ms["alt_crop_resize_flip_tensor"], _ = _ms_per(augment, decoded)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: round(v, 4) for k, v in ms.items()}
+
+
+def _decode_pil(data: bytes, draft_side: int) -> Image.Image:
+    """As data.py decodes: JPEG draft (DCT downscale only when both sides stay >= draft_side) + RGB."""
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (draft_side, draft_side))
+    return img.convert("RGB")
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def _environment() -> dict:
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "pillow": PIL.__version__, "webdataset": wds.__version__,
+            "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")), "python": platform.python_version(),
+            # Other jobs on the machine skew wall-clock numbers; record how busy it was at the start.
+            "loadavg_1min": os.getloadavg()[0]}
+
+
+def run_data_bench(args: argparse.Namespace) -> dict:
+    """Both benchmarks (and optionally the profile); returns the result record."""
+    common = dict(workers=args.workers, batch=args.batch, img_size=args.img_size, warmup=args.warmup,
+                  steps=args.steps)
+    result = {**common, "shards": args.shards, "normalize_device": str(_device()), **_environment()}
+    if args.profile:
+        result["profile_ms_per_img"] = profile_stages(args.shards, img_size=args.img_size, batch=args.batch)
+    processes = max(args.workers, 1)  # with 0 workers everything runs in the main process
+    result["img_per_s"] = bench_ours(args.shards, **common)
+    result["img_per_s_per_worker"] = result["img_per_s"] / processes
+    if not args.no_baseline:
+        with tempfile.TemporaryDirectory(prefix="dbot-bench-") as tmp:
+            root = args.baseline_dir
+            if root is None:  # not timed
+                root = os.path.join(tmp, "files")
+                result["baseline_extracted_images"] = extract_to_folders(args.shards, root)
+            result["baseline_dir"] = args.baseline_dir
+            result["baseline_img_per_s"] = bench_baseline(root, **common)
+        result["baseline_img_per_s_per_worker"] = result["baseline_img_per_s"] / processes
+        result["speedup"] = result["img_per_s_per_worker"] / result["baseline_img_per_s_per_worker"]
+    return result
+
+
+def _summary(r: dict) -> str:
+    lines = [f"data loader benchmark: {r['workers']} workers, batch {r['batch']}, {r['img_size']} px, "
+             f"{r['steps']} timed steps after {r['warmup']} warm-up; {r['cpu_count']} CPUs; "
+             f"normalize on {r['normalize_device']}"
+             + (" (no GPU: the trainer runs it on the GPU)" if r["normalize_device"] == "cpu" else ""),
+             f"  ours (webdataset shards):             {r['img_per_s']:8.1f} img/s, "
+             f"{r['img_per_s_per_worker']:7.1f} per worker"]
+    if "baseline_img_per_s" in r:
+        lines += [f"  baseline (ImageFolder + torchvision): {r['baseline_img_per_s']:8.1f} img/s, "
+                  f"{r['baseline_img_per_s_per_worker']:7.1f} per worker",
+                  f"  speedup per worker: {r['speedup']:.2f}x"]
+    for name, ms in r.get("profile_ms_per_img", {}).items():
+        lines.append(f"  profile {name:30s} {ms:7.3f} ms/img")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    result = run_data_bench(args)
+    print(_summary(result))
+    line = json.dumps(result, sort_keys=True)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
+    print(line, flush=True)
+    return 0
+
+
+def _cmd_fixture(args: argparse.Namespace) -> int:
+    from dbot_ds.bench_fixtures import fixture_paths, write_photo_fixture  # needs scikit-image
+
+    manifest = write_photo_fixture(args.out, args.num, seed=args.seed)
+    pattern, folder = fixture_paths(args.out)
+    print(f"wrote {manifest['num_samples']} real-photo JPEGs in {len(manifest['shards'])} shards to {args.out}")
+    print(f"shard pattern: {pattern}")
+    print(f"class folders: {folder}")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dbot-bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("data", help="data loader throughput: ours vs ImageFolder + torchvision")
+    p.add_argument("--shards", required=True, help="webdataset shard pattern, e.g. 'DIR/shard-{000000..000004}.tar'")
+    p.add_argument("--workers", type=int, required=True, help="DataLoader worker processes (0: in-process)")
+    p.add_argument("--steps", type=int, required=True, help="timed batches")
+    p.add_argument("--batch", type=int, default=128, help="images per batch (default 128)")
+    p.add_argument("--img-size", type=int, default=224, help="output side in px (default 224)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed batches first (default 5)")
+    p.add_argument("--baseline-dir", help="class-folder tree with the same images (default: extract the shards)")
+    p.add_argument("--no-baseline", action="store_true", help="time only our loader")
+    p.add_argument("--profile", action="store_true", help="also print ms/img per pipeline stage (in-process)")
+    p.add_argument("--json", help="also write the JSON result to this file")
+    p.set_defaults(func=_cmd_data)
+
+    p = commands.add_parser("fixture", help="ImageNet-like JPEGs from real photos, as shards and class folders")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num", type=int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_fixture)
+    # `step` (model step throughput, issue 4) goes here as another subparser with its own func.
+
+    args = parser.parse_args(argv)
+    if args.command == "data" and (args.steps < 1 or args.batch < 1 or args.warmup < 0 or args.workers < 0):
+        parser.error("need --steps >= 1, --batch >= 1, --warmup >= 0, --workers >= 0")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

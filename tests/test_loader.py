@@ -1,0 +1,210 @@
+"""The streaming loader at scale: shards from other writers, pipe: sources, faults, and exact epochs over
+2 ranks x 2 workers in real processes.
+
+Samples here are solid-colour JPEGs whose colour encodes their id, so a sample survives crop, resize and flip
+and can be recognised in a batch.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import multiprocessing
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from dbot_ds.data import build_train_loader, epoch_batches_per_rank, epoch_geometry, reader_ranges, shard_counts
+
+COUNTS = [7, 13, 10, 9, 11, 10]          # 60 samples in 6 shards of unequal size
+
+
+def colour_jpeg(i: int, size: int = 40) -> bytes:
+    rgb = (16 * (i % 16) + 8, 16 * (i // 16 % 16) + 8, 128)
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), rgb).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def ids_of(images: torch.Tensor) -> list[int]:
+    """Recover each image's id from its mean colour."""
+    mean = images.float().mean(dim=(2, 3))
+    r, g = ((mean[:, 0] - 8) / 16).round().long(), ((mean[:, 1] - 8) / 16).round().long()
+    return (r + 16 * g).tolist()
+
+
+def write_shards(folder: Path, counts=COUNTS, extra: dict | None = None) -> str:
+    """Shards of colour samples with a manifest; `extra` maps sample id -> replacement sample fields."""
+    folder.mkdir(parents=True, exist_ok=True)
+    i, entries = 0, []
+    for s, n in enumerate(counts):
+        name = f"part-{s:03d}.tar"
+        with wds.TarWriter(str(folder / name)) as sink:
+            for _ in range(n):
+                sample = {"__key__": f"{i:05d}", "jpg": colour_jpeg(i), "cls": i}
+                if extra and i in extra:
+                    sample = {"__key__": f"{i:05d}", **extra[i]}
+                sink.write(sample)
+                i += 1
+        entries.append({"name": name, "num_samples": n})
+    (folder / "manifest.json").write_text(json.dumps({"num_samples": sum(counts), "shards": entries}))
+    return f"{folder}/part-{{000..{len(counts) - 1:03d}}}.tar"
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging."""
+    def boom(*_):
+        raise TimeoutError(f"no result within {seconds} s: the loader hangs")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def take(pattern: str, n: int, **kw) -> list[tuple[torch.Tensor, int]]:
+    args = dict(img_size=16, micro_batch=4, num_workers=0, seed=0, rank=0, world_size=1, shuffle_buffer=8)
+    with deadline(60):
+        return list(itertools.islice(iter(build_train_loader(pattern, **{**args, **kw})), n))
+
+
+# ---------------------------------------------------------------------------------- geometry (pure)
+
+def test_epoch_geometry_and_reader_ranges_partition_the_samples():
+    readers, per_reader = epoch_geometry(60, 2, 2, 4)
+    assert (readers, per_reader) == (4, 16)                  # ceil(60 / 4) = 15 -> 16 (4 full batches)
+    assert epoch_batches_per_rank(60, 2, 2, 4) == 8
+    pieces = [reader_ranges(COUNTS, r, 4) for r in range(4)]
+    covered = [(i, k) for p in pieces for i, a, b in p for k in range(a, b)]
+    assert sorted(covered) == [(i, k) for i, n in enumerate(COUNTS) for k in range(n)]
+    assert [sum(b - a for _, a, b in p) for p in pieces] == [15, 15, 15, 15]
+    # The repeat bound: R x Q - N < R x micro_batch, for awkward sizes too.
+    for n, world, workers, micro in [(1281167, 32, 10, 128), (1000, 3, 1, 7), (5, 1, 4, 2)]:
+        r, q = epoch_geometry(n, world, workers, micro)
+        assert q % micro == 0 and q * r >= n and q * r - n < r * micro
+
+
+# ------------------------------------------------------------------------------ other writers, sources
+
+def test_reads_webdataset_shardwriter_and_img2dataset_style_shards(tmp_path):
+    with wds.ShardWriter(str(tmp_path / "sw-%06d.tar"), maxcount=5) as sink:     # webdataset's own writer
+        for i in range(12):
+            sink.write({"__key__": f"{i:04d}", "jpeg": colour_jpeg(i), "cls": i})
+    got = take(f"{tmp_path}/sw-{{000000..000002}}.tar", 6)
+    assert all(x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8 for x, _ in got)
+    assert set(sum((ids_of(x) for x, _ in got), [])) <= set(range(12))
+
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:                    # img2dataset: jpg + txt + json
+        for i in range(9):
+            sink.write({"__key__": f"{i:09d}", "jpg": colour_jpeg(i), "txt": f"caption {i}",
+                        "json": json.dumps({"url": f"http://x/{i}.jpg", "width": 40}).encode()})
+    got = take(str(tmp_path / "00000.tar"), 5)
+    assert set(sum((ids_of(x) for x, _ in got), [])) <= set(range(9)) and all(n == 0 for _, n in got)
+
+
+def test_pipe_source(tmp_path):
+    pattern = write_shards(tmp_path / "d")
+    piped = "::".join(f"pipe:cat {tmp_path}/d/part-{s:03d}.tar" for s in range(6))
+    direct = [ids_of(x) for x, _ in take(pattern, 10, resampled=False)]
+    via_pipe = [ids_of(x) for x, _ in take(piped, 10, resampled=False, manifest=str(tmp_path / "d/manifest.json"))]
+    assert via_pipe == direct
+    with pytest.raises(ValueError, match="data.manifest"):
+        take(piped, 1, resampled=False)
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+def test_corrupt_samples_are_skipped_and_counted_exactly(tmp_path):
+    whole = colour_jpeg(3)
+    bad = {3: {"jpg": whole[: len(whole) // 2]},            # truncated JPEG
+           17: {"jpg": b"not an image"},                    # garbage bytes
+           40: {"txt": b"no image at all"}}                 # a sample without an image key
+    pattern = write_shards(tmp_path / "d", extra=bad)
+    per_epoch = epoch_batches_per_rank(60, 1, 0, 4)          # 15 batches: 60 images incl. 3 repeats
+    got = take(pattern, 2 * per_epoch, resampled=False)
+    assert sum(n for _, n in got) == 2 * len(bad)           # each bad sample counted once per epoch
+    for epoch in (got[:per_epoch], got[per_epoch:]):
+        ids = sum((ids_of(x) for x, _ in epoch), [])
+        assert len(ids) == 60 and set(ids) == set(range(60)) - set(bad)
+
+
+def test_unreachable_shard_is_skipped_and_training_goes_on(tmp_path):
+    pattern = write_shards(tmp_path / "d")
+    good = [f"pipe:cat {tmp_path}/d/part-{s:03d}.tar" for s in range(6)]
+    mixed = "::".join(good[:3] + [f"pipe:cat {tmp_path}/d/missing.tar"] + good[4:])
+    got = take(mixed, 40)                                    # resampled: the missing shard is drawn and skipped
+    assert len(got) == 40 and sum(n for _, n in got) >= 1
+    assert not set(sum((ids_of(x) for x, _ in got), [])) & set(range(30, 39))   # part-003 holds ids 30..38
+    assert pattern
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_no_readable_shard_is_a_clear_error_not_a_hang(tmp_path, resampled):
+    for s in range(2):
+        (tmp_path / f"x-{s}.tar").write_bytes(b"\0" * 100 if s else b"")     # garbage and empty
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"name": "x-0.tar", "num_samples": 4},
+                                                                   {"name": "x-1.tar", "num_samples": 4}]}))
+    with pytest.raises(RuntimeError, match=r"x-\{0\.\.1\}\.tar"):
+        take(f"{tmp_path}/x-{{0..1}}.tar", 1, resampled=resampled)
+
+
+def test_shard_counts_need_a_manifest(tmp_path):
+    pattern = write_shards(tmp_path / "d")
+    assert shard_counts(pattern) == COUNTS
+    (tmp_path / "d/manifest.json").unlink()
+    with pytest.raises(ValueError, match="manifest"):
+        shard_counts(pattern)
+
+
+# ---------------------------------------------------------------- 2 ranks x 2 workers, real processes
+
+def rank_stream(pattern: str, rank: int, n: int, start: int, out: str) -> None:
+    """Runs in its own process: writes this rank's first `n` batches (as sample ids), with 2 loader workers."""
+    loader = build_train_loader(pattern, img_size=16, micro_batch=4, num_workers=2, seed=7, rank=rank, world_size=2,
+                                resampled=False, shuffle_buffer=8, start_batch=start)
+    Path(out).write_text(json.dumps([ids_of(x) for x, _ in itertools.islice(iter(loader), n)]))
+
+
+def run_ranks(tmp_path: Path, pattern: str, n: int, start: int) -> list[list[list[int]]]:
+    """Both ranks at once, each a real (non-daemon) process that starts its own loader workers."""
+    ctx = multiprocessing.get_context("spawn")
+    tmp_path.mkdir(exist_ok=True)
+    outs = [str(tmp_path / f"rank{r}-start{start}.json") for r in (0, 1)]
+    procs = [ctx.Process(target=rank_stream, args=(pattern, r, n, start, outs[r])) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0, "a rank's loader failed or hung"
+    return [json.loads(Path(o).read_text()) for o in outs]
+
+
+def test_two_ranks_two_workers_exact_epochs_and_resume(tmp_path):
+    pattern = write_shards(tmp_path / "d")
+    per_epoch = epoch_batches_per_rank(60, 2, 2, 4)          # 8 batches of 4 per rank per epoch
+    readers, per_reader = epoch_geometry(60, 2, 2, 4)
+    first = run_ranks(tmp_path, pattern, 2 * per_epoch, 0)
+    again = run_ranks(tmp_path / "again", pattern, 2 * per_epoch, 0)
+    resumed = run_ranks(tmp_path, pattern, per_epoch, 5)
+    assert all(len(r) == 2 * per_epoch for r in first)       # identical step counts per rank
+    assert first == again                                    # deterministic order for a fixed seed
+    for e in range(2):
+        seen = [i for rank in first for batch in rank[e * per_epoch:(e + 1) * per_epoch] for i in batch]
+        assert set(seen) == set(range(60))                   # every sample once per epoch ...
+        repeats = len(seen) - 60
+        assert repeats == readers * per_reader - 60 == 4     # ... plus exactly R x Q - N repeats,
+        assert repeats < readers * 4                         # bounded by readers x micro_batch
+    epoch0 = [i for rank in first for batch in rank[:per_epoch] for i in batch]
+    epoch1 = [i for rank in first for batch in rank[per_epoch:] for i in batch]
+    assert epoch0 != epoch1                                  # a new shard and sample order each epoch
+    for rank in (0, 1):                                      # resume after 5 batches continues exactly
+        assert resumed[rank] == first[rank][5:5 + per_epoch]
