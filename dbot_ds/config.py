@@ -100,7 +100,8 @@ class DataConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    config: str = "zero2"              # a name in ds_configs/ (zero2, zero3, zero3_offload) or a JSON path
+    config: str = ""                   # ds_configs/ name (zero2, zero3, zero3_offload) or a JSON path; "": the
+                                       # file accelerate's config names (deepspeed_config_file), else zero2
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,11 +29,22 @@ PROJECT_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient
                  "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
 
-def load_ds_json(name_or_path: str) -> dict:
-    """A shipped config by name (zero2, zero3, zero3_offload) or a JSON file path."""
-    path = Path(name_or_path)
+def resolve_ds_json(name_or_path: str) -> Path:
+    """The DeepSpeed JSON to use. Empty: the one `accelerate launch` was given (ACCELERATE_DEEPSPEED_CONFIG_FILE),
+    else zero2. A value that disagrees with accelerate's file is an error, so the ZeRO stage has one source."""
+    from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    path = Path(name_or_path or from_accelerate or "zero2")
     if not path.suffix:
-        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+        path = DS_CONFIG_DIR / f"{path}.json"
+    if name_or_path and from_accelerate and path.resolve() != Path(from_accelerate).resolve():
+        raise ConfigError(f"deepspeed.config={name_or_path} ({path}) differs from the deepspeed_config_file of the "
+                          f"accelerate config ({from_accelerate}); drop deepspeed.config or make them agree")
+    return path
+
+
+def load_ds_json(name_or_path: str) -> dict:
+    """A shipped config by name (zero2, zero3, zero3_offload) or a JSON file path (see resolve_ds_json)."""
+    path = resolve_ds_json(name_or_path)
     if not path.exists():
         shipped = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
         raise ConfigError(f"deepspeed.config '{name_or_path}' not found; use one of {shipped} or a JSON path")

@@ -87,3 +87,12 @@ def test_readme_documents_every_config_key():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [k for k in _valid_keys() if f"`{k}`" not in readme]
     assert not missing, f"README's config table lacks {missing}"
+
+
+def test_accelerate_names_the_deepspeed_json_once(monkeypatch):
+    from dbot_ds.engine import DS_CONFIG_DIR as ROOT_DS_CONFIGS, build_ds_config
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT_DS_CONFIGS / "zero3.json"))
+    assert build_ds_config(load_config(overrides=BASE), 1)["zero_optimization"]["stage"] == 3
+    assert build_ds_config(load_config(overrides=BASE + ["deepspeed.config=zero3"]), 1)["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match="differs from the deepspeed_config_file"):
+        build_ds_config(load_config(overrides=BASE + ["deepspeed.config=zero2"]), 1)
