@@ -38,8 +38,10 @@ def save(engine, teacher, ckpt_dir: Path, step: int, state: dict, stage_end: boo
     tag = tag_for(step)
     rank = dist.get_rank()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"dbot": state}, save_latest=False)
-    teacher_state = teacher.full_state()          # collective under the zero3 placement
-    if rank == 0:
+    # A teacher from other weights never changes: it is reloaded from teacher.weights, not stored each time.
+    bootstrapped = teacher.cfg.teacher.source == "bootstrap"
+    teacher_state = teacher.full_state() if bootstrapped else None     # collective under the zero3 placement
+    if rank == 0 and bootstrapped:
         tmp = ckpt_dir / tag / "teacher.pt.tmp"
         torch.save({"depth": teacher.depth, "state": teacher_state}, tmp)
         os.replace(tmp, ckpt_dir / tag / "teacher.pt")
@@ -94,7 +96,8 @@ def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict]:
                                           load_lr_scheduler_states=False)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    teacher = torch.load(ckpt_dir / tag / "teacher.pt", map_location="cpu", weights_only=True)
+    path = ckpt_dir / tag / "teacher.pt"
+    teacher = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
     return client, teacher
 
 

@@ -59,6 +59,12 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
+    source: str = "bootstrap"          # bootstrap (the student's own weights), vit (timm / MAE-dBOT checkpoint),
+                                       # hf_clip (transformers CLIP vision tower folder): see teacher_sources.py
+    weights: str = ""                  # vit: .safetensors/.pth file; hf_clip: save_pretrained folder
+    arch: str = ""                     # vit: expected architecture (checked against the weights); "": inferred
+    num_heads: int = 0                 # vit: attention heads; 0: from teacher.arch, else width / 64
+    layer: int = -1                    # hf_clip: hidden state used as target; -1: the last
     init_depth: int = 0                # stage-0 teacher depth (reference: 12 for ViT-B, 0 for L/H)
     final_norm: bool = False           # reference default tlayernorm=0: targets are pre-norm features
     placement: str = "replicated"      # "replicated": plain bf16 module per rank; "zero3": partitioned engine
@@ -276,6 +282,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.act_ckpt_every must be 0 (off), 1 (every block) or k (every k-th block)")
     if not 0 <= t.init_depth <= m.depth:
         raise ConfigError(f"teacher.init_depth={t.init_depth} must be between 0 and model.depth={m.depth}")
+    if t.source not in ("bootstrap", "vit", "hf_clip"):
+        raise ConfigError(f"teacher.source must be bootstrap, vit or hf_clip, got '{t.source}'")
+    if t.source != "bootstrap":
+        if not t.weights:
+            raise ConfigError(f"teacher.source={t.source} needs teacher.weights (a file or folder of weights)")
+        if len(s.stage_epochs or s.stage_steps) != 1:
+            raise ConfigError(f"teacher.source={t.source} is the pre-trained-teacher setting: one stage, no swap; "
+                              "set a single stage length (e.g. schedule.stage_epochs=[1600])")
     if t.placement not in ("replicated", "zero3"):
         raise ConfigError(f"teacher.placement must be 'replicated' or 'zero3', got '{t.placement}'")
     if t.offload and t.placement != "zero3":

@@ -43,6 +43,16 @@ class Teacher:
             self._load_zero3(state)
         self.depth = depth
 
+    def adopt(self, module: nn.Module, depth: int = -1) -> None:
+        """Use a ready frozen module (a teacher from other weights) under this placement."""
+        self.release()
+        module = module.requires_grad_(False).eval()
+        if self.placement == "replicated":
+            self.module = module.to(self.device, self.dtype)
+        else:
+            self._init_zero3(module.to(self.dtype))
+        self.depth = depth
+
     def _init_zero3(self, module: nn.Module) -> None:
         import deepspeed
         zero = {"stage": 3, "stage3_param_persistence_threshold": 0}

@@ -26,11 +26,13 @@ from .objective import dbot_loss
 from .shards import shard_pattern, write_synthetic_shards
 from .stages import StagePlan, make_plan
 from .teacher import Teacher
+from .teacher_sources import external_teacher
 
 # Config keys a resumed run must share with its checkpoint (they change the model, batch or step -> stage map).
 RESUME_KEYS = ["model.img_size", "model.patch_size", "model.embed_dim", "model.depth", "model.num_heads",
                "model.mlp_ratio", "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads",
-               "model.mask_ratio", "teacher.init_depth", "teacher.final_norm", "optim.global_batch",
+               "model.mask_ratio", "teacher.init_depth", "teacher.final_norm", "teacher.source", "teacher.layer",
+               "optim.global_batch",
                "optim.precision", "schedule", "data.num_samples", "run.seed"]
 
 
@@ -133,18 +135,25 @@ class Trainer:
 
     def _build(self, tag: str | None) -> None:
         cfg = self.cfg
-        student = build_student(cfg.model, seed=mix_seed(cfg.run.seed, 0))
+        self.teacher = Teacher(cfg, self.device, self.dtype)
+        external, self.teacher_dim = None, cfg.model.embed_dim
+        if cfg.teacher.source != "bootstrap":          # weights from elsewhere: the predictor follows its width
+            external, self.teacher_dim = external_teacher(cfg)
+        student = build_student(cfg.model, teacher_dim=self.teacher_dim, seed=mix_seed(cfg.run.seed, 0))
         initial_encoder = {k: v.detach().clone() for k, v in student.encoder.named_parameters()}
         self.engine, self.ds_config = init_student_engine(student.to(self.device), cfg, self.world, self.device)
         self.engine.train()
-        self.teacher = Teacher(cfg, self.device, self.dtype)
-        if tag is None:              # stage 0's teacher is the student's own random initial encoder
+        if external is not None:
+            self.teacher.adopt(external)
+        elif tag is None:            # stage 0's teacher is the student's own random initial encoder
             self.teacher.rebuild(self.plan.teacher_depths[0], initial_encoder)
+        if tag is None:
             return
         client, teacher = ckpt.load(self.engine, self.resume_dir, tag)
         state = client["dbot"]
         self.step, self.samples_seen, self.skipped = state["step"], state["samples_seen"], state.get("skipped", 0)
-        self.teacher.rebuild(teacher["depth"], teacher["state"])
+        if external is None:
+            self.teacher.rebuild(teacher["depth"], teacher["state"])
         if self.rank == 0:
             print(f"[dbot] resumed from {self.resume_dir / tag} at step {self.step} (stage {state['stage']})", flush=True)
 
@@ -260,7 +269,7 @@ class Trainer:
         encoder = full_fp32_state(self.engine, "encoder.")                 # collective
         depth = self.plan.teacher_depths[next_stage]
         self.teacher.rebuild(depth, {k: v.to(self.dtype) for k, v in encoder.items()})
-        fresh = build_student(self.cfg.model, seed=mix_seed(self.cfg.run.seed, next_stage))
+        fresh = build_student(self.cfg.model, teacher_dim=self.teacher_dim, seed=mix_seed(self.cfg.run.seed, next_stage))
         write_student_weights(self.engine, dict(fresh.named_parameters()), self.zstage, self.rank)
         if self.cfg.schedule.reset_optimizer:
             reset_adam(self.engine)
