@@ -1,0 +1,443 @@
+"""`dbot-export`: a trained encoder out of a dbot-ds checkpoint, as a timm `VisionTransformer` (safetensors + JSON).
+
+    dbot-export runs/vit_h --out exports/vit_h                        # newest complete checkpoint, student encoder
+    dbot-export runs/vit_h --tag step00400000 --out exports/vit_h_s0  # one tag of a run
+    dbot-export runs/vit_h/checkpoints/step00400000 --out e/          # a tag folder (or the checkpoints folder)
+    dbot-export runs/vit_h --which teacher --out e/                   # the teacher of that checkpoint instead
+    dbot-export runs/vit_h --also-teacher --out e/                    # student + teacher.safetensors/teacher.json
+
+`DIR/encoder.safetensors` holds a timm state dict (fp32) that loads with `strict=True` into
+`timm.create_model(timm_arch, num_classes=0, **timm_kwargs)`, both read from `DIR/encoder.json` (which also
+records the arch, stage, step, source checkpoint and the full training config). `dbot_ds.load_encoder(DIR)` does
+that and returns the model in eval mode; `dbot_ds.encode(model, images)` gives all tokens [B, 1 + N, D].
+
+How the weights are read:
+- student: DeepSpeed's own consolidation (`deepspeed.utils.zero_to_fp32`, ZeRO-1/2/3, any world size) gives the
+  fp32 master weights; the `encoder.` ones are kept, prefix stripped. The fixed sin-cos position embedding is a
+  non-persistent buffer in training, so it is recomputed from the config and stored as timm's `pos_embed`.
+- teacher: `teacher.pt` (the compute dtype, usually bf16), upcast to fp32. Without a final norm
+  (`teacher.final_norm=false`, the default) the timm model is built with `final_norm=False`.
+
+A stage-end checkpoint of an intermediate stage is taken after the swap: its student is freshly re-initialised
+and its teacher is the stage's trained student. Exporting its student is refused; use `--which teacher`.
+
+Only this module's `_consolidate_student` imports DeepSpeed; loading an export needs only torch, timm and
+safetensors (no pickle).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import TAG_RE, complete_tags
+from .config import ModelConfig
+from .models import Encoder, sincos_pos_embed_2d
+
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)     # the normalisation used in training (dbot_ds.data.normalize)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The timm entry point used (with every shape argument given) when no named timm model has our shape.
+GENERIC_TIMM_ARCH = "vit_base_patch16_224"
+
+
+class ExportError(RuntimeError):
+    """A problem the user must fix (wrong path, incomplete checkpoint, nothing exportable); the message says how."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding the checkpoint
+
+
+@dataclass
+class CheckpointRef:
+    """One complete checkpoint: `<ckpt_dir>/<tag>/` and its COMPLETE record."""
+    ckpt_dir: Path
+    tag: str
+    meta: dict
+
+    @property
+    def path(self) -> Path:
+        return self.ckpt_dir / self.tag
+
+    @property
+    def client(self) -> dict:
+        return self.meta.get("client_state", {})
+
+    @property
+    def config(self) -> dict:
+        return self.client["config"]
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{k: v for k, v in self.config["model"].items() if k in known})
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", self.client.get("step")))
+
+    @property
+    def stage(self) -> int:
+        return int(self.meta.get("stage", self.client.get("stage")))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.client.get("plan_lengths", []))
+
+    @property
+    def post_swap(self) -> bool:
+        """True for the stage-end checkpoint of an intermediate stage: saved after the swap, so the student is a
+        fresh init and the teacher is the stage's trained student."""
+        return bool(self.meta.get("stage_end")) and self.stage < self.num_stages
+
+    def student_stage(self) -> int:
+        """The stage whose student this checkpoint holds (final checkpoint: the last stage)."""
+        return min(self.stage, self.num_stages - 1)
+
+    def teacher_source_stage(self) -> int | None:
+        """The stage whose trained student the teacher is; None for stage 0's random initial teacher."""
+        serving = min(self.stage, self.num_stages - 1)   # the stage this teacher teaches
+        return serving - 1 if serving > 0 else None
+
+
+def _incomplete_hint(ckpt_dir: Path) -> str:
+    done = [t for _, t in complete_tags(ckpt_dir)]
+    return f" Complete checkpoints in {ckpt_dir}: {', '.join(done)}." if done else \
+        f" {ckpt_dir} has no complete checkpoint."
+
+
+def find_checkpoint(path: str | os.PathLike, tag: str | None = None) -> CheckpointRef:
+    """Resolve a run folder (`<run>/checkpoints/latest`, or `tag`), a checkpoints folder, or a tag folder to one
+    complete checkpoint. Raises ExportError naming what is wrong and what exists."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ExportError(f"{p} does not exist; give a run folder (run.out_dir), its checkpoints/ folder, or a "
+                          "tag folder such as <run>/checkpoints/step00001000")
+    if not p.is_dir():
+        raise ExportError(f"{p} is a file; give a run folder, its checkpoints/ folder, or a tag folder")
+    is_tag = bool(TAG_RE.match(p.name)) or (p / "COMPLETE").exists() or any(p.glob("*_model_states.pt"))
+    if is_tag:
+        if tag and tag != p.name:
+            raise ExportError(f"{p} is already the tag folder {p.name}; drop --tag {tag} or point at the run folder")
+        ckpt_dir, tag = p.parent, p.name
+    else:
+        ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        if not (ckpt_dir / "latest").exists() and not any(TAG_RE.match(d.name) for d in ckpt_dir.iterdir()):
+            raise ExportError(f"no checkpoints found under {p}: expected a run folder holding checkpoints/, a "
+                              "checkpoints folder holding stepNNNNNNNN/ tags, or a tag folder")
+        if tag is None:
+            latest = ckpt_dir / "latest"
+            if latest.exists() and (ckpt_dir / latest.read_text().strip() / "COMPLETE").exists():
+                tag = latest.read_text().strip()
+            else:
+                tags = complete_tags(ckpt_dir)
+                if not tags:
+                    raise ExportError(f"no complete checkpoint under {ckpt_dir} (none has a COMPLETE marker; a "
+                                      "crash mid-save leaves it out).")
+                tag = tags[-1][1]
+                print(f"[dbot-export] {latest} is missing or names an incomplete checkpoint; using the newest "
+                      f"complete one, {tag}", file=sys.stderr)
+    tag_dir = ckpt_dir / tag
+    if not tag_dir.is_dir():
+        raise ExportError(f"checkpoint {tag_dir} does not exist." + _incomplete_hint(ckpt_dir))
+    if not (tag_dir / "COMPLETE").exists():
+        raise ExportError(f"checkpoint {tag_dir} is incomplete (no COMPLETE marker: the save was interrupted or is "
+                          "still running) and cannot be exported." + _incomplete_hint(ckpt_dir))
+    meta = json.loads((tag_dir / "COMPLETE").read_text())
+    if "config" not in meta.get("client_state", {}):
+        raise ExportError(f"{tag_dir / 'COMPLETE'} has no client_state.config; not a dbot-ds checkpoint?")
+    return CheckpointRef(ckpt_dir, tag, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading weights
+
+
+def _consolidate_student(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """All of the student's fp32 master weights via DeepSpeed's `zero_to_fp32` (which prints progress: sent to
+    stderr). Lazy mode, so under ZeRO-3 only the tensors asked for are gathered."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ref.ckpt_dir), tag=ref.tag, lazy_mode=True)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ExportError(f"DeepSpeed could not consolidate {ref.path} (ZeRO stage "
+                          f"{ref.client.get('zero_stage', '?')}): {e}") from e
+
+
+def student_encoder_state(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The student encoder's fp32 weights, `encoder.` stripped (no pos_embed: it is a buffer)."""
+    full = _consolidate_student(ref)
+    # clone: under ZeRO-2 every tensor is a view into one merged flat vector (safetensors refuses shared storage)
+    out = {k[len("encoder."):]: v.contiguous().detach().float().clone()
+           for k, v in full.items() if k.startswith("encoder.")}
+    if not out:
+        raise ExportError(f"{ref.path} holds no 'encoder.' weights; not a dbot-ds student checkpoint?")
+    return out
+
+
+def teacher_state(ref: CheckpointRef) -> tuple[int, dict[str, torch.Tensor]]:
+    """(depth, fp32 weights) of `teacher.pt`."""
+    f = ref.path / "teacher.pt"
+    if not f.exists():
+        raise ExportError(f"{f} is missing")
+    blob = torch.load(f, map_location="cpu", weights_only=True)
+    return int(blob["depth"]), {k: v.float().contiguous() for k, v in blob["state"].items()}
+
+
+def _check_against_encoder(state: dict[str, torch.Tensor], mcfg: ModelConfig, depth: int, final_norm: bool,
+                           what: str) -> None:
+    with torch.device("meta"):
+        ref = Encoder(mcfg, depth, final_norm=final_norm).state_dict()
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    want = {k: tuple(v.shape) for k, v in ref.items()}
+    if got != want:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        shapes = [k for k in set(got) & set(want) if got[k] != want[k]]
+        raise ExportError(f"the {what} weights do not match the checkpoint's model config "
+                          f"({mcfg.arch}, depth {depth}): missing {missing[:5]}, unexpected {extra[:5]}, "
+                          f"shape differs {sorted(shapes)[:5]}")
+
+
+def to_timm_state(state: dict[str, torch.Tensor], mcfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Encoder weights -> timm VisionTransformer state dict: add the fixed sin-cos `pos_embed` [1, 1 + N, D]."""
+    out = dict(state)
+    out["pos_embed"] = sincos_pos_embed_2d(mcfg.embed_dim, mcfg.img_size // mcfg.patch_size)[None].contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Matching a timm model
+
+
+def _timm_mismatch(arch: str, kwargs: dict, state: dict[str, torch.Tensor], mcfg: ModelConfig) -> str | None:
+    """None if `timm.create_model(arch, num_classes=0, **kwargs)` has exactly our keys, shapes and layer types."""
+    import timm
+    if arch not in timm.list_models():
+        return f"{arch} is not a timm model"
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    except Exception as e:                 # a named model refusing an argument: try the next candidate
+        return f"timm refused {arch}({kwargs}): {e}"
+    got = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in state.items()}
+    if got != want:
+        return f"{arch}: state dict differs ({sorted(set(got) ^ set(want))[:4]} / shapes)"
+    checks = {
+        "patch size": tuple(m.patch_embed.patch_size) == (mcfg.patch_size,) * 2,
+        "img size": tuple(m.patch_embed.img_size) == (mcfg.img_size,) * 2,
+        "cls token": m.has_class_token and m.num_prefix_tokens == 1 and not m.no_embed_class,
+        "pre-norm": isinstance(m.norm_pre, nn.Identity),
+        "heads": all(b.attn.num_heads == mcfg.num_heads for b in m.blocks),
+        "activation": all(type(b.mlp.act) is nn.GELU and b.mlp.act.approximate == "none" for b in m.blocks),
+        "norm eps": all(abs(mod.eps - 1e-6) < 1e-12 for mod in m.modules() if isinstance(mod, nn.LayerNorm)),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    return f"{arch}: differs in {', '.join(bad)}" if bad else None
+
+
+def timm_spec(mcfg: ModelConfig, state: dict[str, torch.Tensor], depth: int, final_norm: bool) -> tuple[str, dict]:
+    """(timm_arch, timm_kwargs) for the timm VisionTransformer that holds `state` (timm keys, pos_embed included).
+    Prefers a named timm model (e.g. vit_huge_patch14_224, with img_size=448 when trained at 448 px); otherwise
+    the generic entry point with every shape argument. Each candidate is built on the meta device and checked."""
+    extra = {} if final_norm else {"final_norm": False}
+    shape = dict(img_size=mcfg.img_size, patch_size=mcfg.patch_size, embed_dim=mcfg.embed_dim, depth=depth,
+                 num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio)
+    candidates = [(f"{mcfg.arch}_{mcfg.img_size}", dict(extra)),
+                  (f"{mcfg.arch}_224", dict(img_size=mcfg.img_size, **extra)),
+                  (GENERIC_TIMM_ARCH, dict(shape, **extra))]
+    reasons = []
+    for arch, kwargs in candidates:
+        why = _timm_mismatch(arch, kwargs, state, mcfg)
+        if why is None:
+            return arch, kwargs
+        reasons.append(why)
+    raise ExportError("no timm VisionTransformer matches these weights: " + "; ".join(reasons))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+
+
+def _write_export(out: Path, name: str, state: dict[str, torch.Tensor], info: dict) -> list[Path]:
+    from safetensors.torch import save_file
+    out.mkdir(parents=True, exist_ok=True)
+    st, js = out / f"{name}.safetensors", out / f"{name}.json"
+    tmp = out / f".{name}.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+              metadata={"format": "pt", "timm_arch": info["timm_arch"], "step": str(info["step"])})
+    os.replace(tmp, st)
+    tmp = out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, js)
+    return [st, js]
+
+
+def _prepare(ref: CheckpointRef, which: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(timm state dict, json record) of one encoder of the checkpoint; raises ExportError if not exportable."""
+    mcfg = ref.model_cfg
+    if which == "student":
+        if ref.post_swap:
+            raise ExportError(
+                f"{ref.path} is the stage-end checkpoint of stage {ref.stage - 1}, saved after the teacher swap: its "
+                f"student was just re-initialised for stage {ref.stage} and holds no trained weights. The trained "
+                f"stage-{ref.stage - 1} encoder is this checkpoint's teacher: use --which teacher (bf16, upcast to "
+                "fp32), or export an earlier tag of that stage for its fp32 student.")
+        state = student_encoder_state(ref)
+        depth, final_norm, precision, source = mcfg.depth, True, "fp32 (DeepSpeed master weights)", ref.student_stage()
+        _check_against_encoder(state, mcfg, depth, final_norm, "student encoder")
+    else:
+        depth, state = teacher_state(ref)
+        if depth == 0:
+            raise ExportError(f"the teacher in {ref.path} has depth 0 (patch embedding + positions only, stage 0's "
+                              "random teacher): it is not a ViT and cannot be exported as a timm model. Export "
+                              "--which student, or a later checkpoint whose teacher is a trained student.")
+        final_norm = "norm.weight" in state
+        precision = f"{ref.config.get('optim', {}).get('precision', 'bf16')} (teacher.pt), upcast to fp32"
+        source = ref.teacher_source_stage()
+        _check_against_encoder(state, mcfg, depth, final_norm, "teacher")
+        if source is None:
+            print(f"[dbot-export] note: the teacher in {ref.path} is stage 0's random initial encoder, not a trained "
+                  "one", file=sys.stderr)
+    timm_state = to_timm_state(state, mcfg)
+    timm_arch, timm_kwargs = timm_spec(mcfg, timm_state, depth, final_norm)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "timm_arch": timm_arch,
+        "timm_kwargs": timm_kwargs,
+        "load": f"timm.create_model({timm_arch!r}, num_classes=0, **timm_kwargs).load_state_dict("
+                "safetensors.torch.load_file(...), strict=True)",
+        "which": which,
+        "arch": mcfg.arch,
+        "img_size": mcfg.img_size, "patch_size": mcfg.patch_size, "embed_dim": mcfg.embed_dim, "depth": depth,
+        "num_heads": mcfg.num_heads, "mlp_ratio": mcfg.mlp_ratio, "final_norm": final_norm,
+        "num_params": sum(v.numel() for k, v in state.items()),
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "output": "forward_features: all tokens [B, 1 + N, D], cls first"
+                  + (", after the final LayerNorm" if final_norm else ", no final LayerNorm"),
+        "weights": precision,
+        "trained_in_stage": source,
+        "stage": ref.stage, "step": ref.step, "tag": ref.tag, "stage_end": bool(ref.meta.get("stage_end")),
+        "num_stages": ref.num_stages, "zero_stage": ref.client.get("zero_stage"),
+        "world_size": ref.client.get("world_size"), "checkpoint": str(ref.path.resolve()),
+        "config": ref.config,
+    }
+    return timm_state, info
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, which: str = "student",
+           also_teacher: bool = False, force: bool = False) -> list[Path]:
+    """Export one checkpoint's encoder (and optionally its teacher) to `out`; returns the written files.
+    Everything is read and checked before anything is written."""
+    if which not in ("student", "teacher"):
+        raise ExportError(f"--which must be 'student' or 'teacher', got {which!r}")
+    ref = find_checkpoint(path, tag)
+    out = Path(out)
+    jobs = [("encoder", which)] + ([("teacher", "teacher")] if also_teacher and which != "teacher" else [])
+    if not force:
+        existing = [out / f"{n}.{e}" for n, _ in jobs for e in ("safetensors", "json") if (out / f"{n}.{e}").exists()]
+        if existing:
+            raise ExportError(f"{', '.join(map(str, existing))} already exist; pass --force to overwrite")
+    prepared = [(name, *_prepare(ref, w)) for name, w in jobs]
+    written = []
+    for name, state, info in prepared:
+        written += _write_export(out, name, state, info)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading an export (torch + timm + safetensors only)
+
+
+def _export_files(export_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    p = Path(export_dir)
+    if p.suffix in (".safetensors", ".json"):
+        p, name = p.parent, p.stem
+    st, js = p / f"{name}.safetensors", p / f"{name}.json"
+    for f in (st, js):
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found; create it with `dbot-export RUN --out {p}`")
+    return st, js
+
+
+def load_encoder(export_dir: str | os.PathLike, device: str | torch.device = "cpu", name: str = "encoder") -> nn.Module:
+    """The exported encoder as a timm VisionTransformer (no head), fp32, in eval mode on `device`.
+
+    `export_dir` is a `dbot-export --out` folder (or the path of its .safetensors/.json); `name="teacher"` loads
+    the `--also-teacher` export. Weights are read with safetensors (no pickle) and loaded with strict=True. The
+    model's `pretrained_cfg` carries the training normalisation (ImageNet mean/std) and input size, so
+    `timm.data.resolve_data_config(model=model)` gives matching eval transforms."""
+    import timm
+    from safetensors.torch import load_file
+    st, js = _export_files(export_dir, name)
+    info = json.loads(js.read_text())
+    model = timm.create_model(info["timm_arch"], pretrained=False, num_classes=0, **info["timm_kwargs"])
+    model.load_state_dict(load_file(str(st)), strict=True)
+    size = int(info.get("img_size", model.patch_embed.img_size[0]))
+    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, mean=tuple(info.get("mean", IMAGENET_MEAN)),
+                                std=tuple(info.get("std", IMAGENET_STD)), input_size=(3, size, size),
+                                num_classes=0, dbot_export=str(st))
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """All tokens of `images` through a `load_encoder` model: timm's `forward_features`, [B, 1 + N, D] (cls first),
+    after the final LayerNorm, exactly what the dBOT encoder computed in training.
+
+    `images` is [B, 3, H, W] at the export's img_size: float images must already be normalised with the ImageNet
+    mean/std (`(x/255 - mean) / std`, as in training); uint8 images (0..255) are normalised here. They are moved
+    to the model's device and dtype."""
+    p = next(model.parameters())
+    if images.dtype == torch.uint8:
+        mean = torch.tensor(IMAGENET_MEAN, device=p.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=p.device).view(1, 3, 1, 1) * 255
+        images = (images.to(p.device).float() - mean) / std
+    return model.forward_features(images.to(p.device, p.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="dbot-export",
+        description="Export a trained encoder from a dbot-ds checkpoint as a timm VisionTransformer "
+                    "(DIR/encoder.safetensors + DIR/encoder.json). Load it with dbot_ds.load_encoder(DIR).")
+    ap.add_argument("path", help="run folder (uses checkpoints/latest), its checkpoints/ folder, or a tag folder")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--tag", default=None, help="checkpoint tag (e.g. step00001000); default: checkpoints/latest")
+    ap.add_argument("--which", choices=["student", "teacher"], default="student",
+                    help="student: the fp32 student encoder (default); teacher: teacher.pt upcast to fp32")
+    ap.add_argument("--also-teacher", action="store_true",
+                    help="also write the teacher as teacher.safetensors + teacher.json")
+    ap.add_argument("--force", action="store_true", help="overwrite existing export files in --out")
+    args = ap.parse_args(argv)
+    try:
+        files = export(args.path, args.out, tag=args.tag, which=args.which, also_teacher=args.also_teacher,
+                       force=args.force)
+    except ExportError as e:
+        print(f"dbot-export: error: {e}", file=sys.stderr)
+        return 2
+    info = json.loads(files[1].read_text())
+    for f in files:
+        print(f"[dbot-export] wrote {f}")
+    print(f"[dbot-export] {info['which']} of {info['tag']} (stage {info['stage']}, step {info['step']}): "
+          f"timm.create_model({info['timm_arch']!r}, num_classes=0, **{info['timm_kwargs']}); "
+          f"or dbot_ds.load_encoder({str(Path(args.out))!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,227 @@
+"""dbot-export on real checkpoints: 2-stage runs of 2 DeepSpeed processes (ZeRO-3 and ZeRO-2) on the CPU, exported
+to timm and checked against DeepSpeed's own consolidation, our Encoder and teacher.pt."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, launch_pretrain
+
+TAG_MID, TAG_FINAL = "step00000002", "step00000004"     # post-swap stage-end of stage 0; the final checkpoint
+
+
+@pytest.fixture(scope="module")
+def ds_run(shards, tmp_path_factory):
+    """ds_run('zero3' | 'zero2') -> run folder of a finished 2-stage run ([2, 2] steps, 2 processes), made once."""
+    cache: dict[str, Path] = {}
+
+    def make(zero: str) -> Path:
+        if zero not in cache:
+            out = tmp_path_factory.mktemp(f"run_{zero}")
+            launch_pretrain(2, TINY + [f"data.shards={shards}", f"run.out_dir={out}", "schedule.stage_steps=[2,2]",
+                                       "schedule.warmup_steps=1", "run.save_every=100", f"deepspeed.config={zero}"])
+            cache[zero] = out
+        return cache[zero]
+    return make
+
+
+def export_cli(capsys, *args) -> tuple[int, str]:
+    from dbot_ds.export import cli
+    capsys.readouterr()
+    rc = cli([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out + cap.err
+
+
+def read_export(d: Path, name: str = "encoder") -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+    return load_file(str(d / f"{name}.safetensors")), json.loads((d / f"{name}.json").read_text())
+
+
+def timm_model(info: dict, state: dict):
+    import timm
+    m = timm.create_model(info["timm_arch"], pretrained=False, num_classes=0, **info["timm_kwargs"])
+    m.load_state_dict(state, strict=True)
+    return m.eval()
+
+
+def images(n: int = 2, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.mark.parametrize("zero", ["zero3", "zero2"])
+def test_final_student_export_is_timm_and_equals_deepspeed_and_encoder(ds_run, zero, tmp_path, capsys):
+    import dbot_ds
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from dbot_ds.config import ModelConfig
+    from dbot_ds.models import Encoder, sincos_pos_embed_2d
+
+    run_dir = ds_run(zero)
+    rc, out = export_cli(capsys, run_dir, "--out", tmp_path)           # run folder -> checkpoints/latest
+    assert rc == 0, out
+    state, info = read_export(tmp_path)
+    complete = json.loads((run_dir / "checkpoints" / TAG_FINAL / "COMPLETE").read_text())
+
+    # encoder.json
+    assert info["timm_arch"] == "vit_base_patch16_224"                  # vit_tiny_patch4 at 32 px: no named model
+    assert info["timm_kwargs"] == dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0)
+    assert (info["stage"], info["step"], info["tag"], info["which"]) == (2, 4, TAG_FINAL, "student")
+    assert info["arch"] == "vit_tiny_patch4" and info["trained_in_stage"] == 1
+    assert info["zero_stage"] == (3 if zero == "zero3" else 2) and info["world_size"] == 2
+    assert info["config"] == complete["client_state"]["config"]
+    assert info["mean"] == [0.485, 0.456, 0.406] and info["std"] == [0.229, 0.224, 0.225]
+
+    # exactly DeepSpeed's consolidated fp32 encoder weights, plus the recomputed sin-cos positions
+    ds = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=TAG_FINAL)
+    enc = {k[len("encoder."):]: v for k, v in ds.items() if k.startswith("encoder.")}
+    assert set(state) == set(enc) | {"pos_embed"}
+    for k, v in enc.items():
+        assert state[k].dtype == torch.float32 and torch.equal(state[k], v), k
+    assert torch.equal(state["pos_embed"], sincos_pos_embed_2d(96, 8)[None])
+
+    # timm (strict) == our Encoder built from the same weights, and the public API gives the same
+    model = timm_model(info, state)
+    ours = Encoder(ModelConfig(**info["config"]["model"]), info["depth"]).eval()
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert missing == [] and unexpected == ["pos_embed"]
+    x = images()
+    with torch.no_grad():
+        ref = ours(x)
+        got = model.forward_features(x)
+    assert got.shape == (2, 65, 96)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    loaded = dbot_ds.load_encoder(tmp_path)
+    assert not loaded.training
+    torch.testing.assert_close(dbot_ds.encode(loaded, x), ref, rtol=1e-5, atol=1e-5)
+    u8 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)     # uint8 input is normalised as in training
+    mean, std = torch.tensor(info["mean"]).view(3, 1, 1), torch.tensor(info["std"]).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(dbot_ds.encode(loaded, u8), ours((u8.float() / 255 - mean) / std), rtol=1e-4, atol=1e-4)
+
+
+def test_post_swap_checkpoint_student_refused_teacher_exported(ds_run, tmp_path, capsys):
+    run_dir = ds_run("zero3")
+    tag_dir = run_dir / "checkpoints" / TAG_MID
+    rc, out = export_cli(capsys, tag_dir, "--out", tmp_path / "s")        # a tag folder path
+    assert rc == 2
+    assert "after the teacher swap" in out and "re-initialised" in out and "--which teacher" in out
+    assert not (tmp_path / "s").exists()
+
+    rc, out = export_cli(capsys, tag_dir, "--out", tmp_path / "t", "--which", "teacher")
+    assert rc == 0, out
+    state, info = read_export(tmp_path / "t")
+    teacher = torch.load(tag_dir / "teacher.pt", map_location="cpu", weights_only=True)
+    assert teacher["depth"] == 4
+    assert set(state) == set(teacher["state"]) | {"pos_embed"}
+    for k, v in teacher["state"].items():
+        assert v.dtype == torch.bfloat16 and state[k].dtype == torch.float32 and torch.equal(state[k], v.float()), k
+    assert (info["which"], info["step"], info["stage"], info["trained_in_stage"]) == ("teacher", 2, 1, 0)
+    assert info["timm_kwargs"]["final_norm"] is False and info["final_norm"] is False   # teacher.final_norm=false
+    model = timm_model(info, state)
+    with torch.no_grad():
+        assert model.forward_features(images()).shape == (2, 65, 96)
+
+    # --also-teacher on the final checkpoint (via --tag): stage 1's teacher is the same stage-0 student
+    rc, out = export_cli(capsys, run_dir, "--tag", TAG_FINAL, "--out", tmp_path / "f", "--also-teacher")
+    assert rc == 0, out
+    final_teacher, tinfo = read_export(tmp_path / "f", "teacher")
+    assert tinfo["which"] == "teacher" and tinfo["step"] == 4 and tinfo["trained_in_stage"] == 0
+    assert all(torch.equal(final_teacher[k], state[k]) for k in state)
+    _, sinfo = read_export(tmp_path / "f")
+    assert sinfo["which"] == "student" and sinfo["trained_in_stage"] == 1
+
+
+def test_paths_resolve_to_the_same_export(ds_run, tmp_path, capsys):
+    run_dir = ds_run("zero3")
+    ref, _ = read_export(_export(capsys, run_dir, tmp_path / "run"))
+    for name, args in [("ckpts", [run_dir / "checkpoints"]), ("tagdir", [run_dir / "checkpoints" / TAG_FINAL]),
+                       ("tag", [run_dir, "--tag", TAG_FINAL])]:
+        got, info = read_export(_export(capsys, *args, tmp_path / name))
+        assert info["tag"] == TAG_FINAL
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), name
+    # existing files are kept unless --force
+    rc, out = export_cli(capsys, run_dir, "--out", tmp_path / "run")
+    assert rc == 2 and "--force" in out
+    assert export_cli(capsys, run_dir, "--out", tmp_path / "run", "--force")[0] == 0
+
+
+def _export(capsys, *args) -> Path:
+    *src, out = args
+    rc, text = export_cli(capsys, *src, "--out", out)
+    assert rc == 0, text
+    return Path(out)
+
+
+def test_missing_and_incomplete_checkpoints_fail_clearly(ds_run, tmp_path, capsys):
+    run_dir = ds_run("zero3")
+    rc, out = export_cli(capsys, tmp_path / "nope", "--out", tmp_path / "o")
+    assert rc == 2 and "does not exist" in out
+
+    (tmp_path / "empty").mkdir()
+    rc, out = export_cli(capsys, tmp_path / "empty", "--out", tmp_path / "o")
+    assert rc == 2 and "no checkpoints found" in out
+
+    rc, out = export_cli(capsys, run_dir, "--tag", "step00000099", "--out", tmp_path / "o")
+    assert rc == 2 and "does not exist" in out and TAG_FINAL in out          # names the complete tags
+
+    # a crash mid-save: a tag folder with DeepSpeed's files but no COMPLETE (and `latest` not moved to it)
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints" / TAG_FINAL, ckpts / "step00000006")
+    (ckpts / "step00000006" / "COMPLETE").unlink()
+    for args in ([ckpts / "step00000006"], [tmp_path / "run", "--tag", "step00000006"]):
+        rc, out = export_cli(capsys, *args, "--out", tmp_path / "o")
+        assert rc == 2 and "incomplete" in out and "COMPLETE" in out, out
+    rc, out = export_cli(capsys, tmp_path / "run", "--out", tmp_path / "o")      # no latest, nothing complete
+    assert rc == 2 and "no complete checkpoint" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_depth0_teacher_cannot_be_exported(ds_run, tmp_path, capsys):
+    run_dir = ds_run("zero3")
+    tag_dir = tmp_path / "checkpoints" / TAG_FINAL
+    shutil.copytree(run_dir / "checkpoints" / TAG_FINAL, tag_dir)
+    t = torch.load(tag_dir / "teacher.pt", map_location="cpu", weights_only=True)
+    keep = {k: v for k, v in t["state"].items() if k.startswith(("patch_embed.", "cls_token"))}
+    torch.save({"depth": 0, "state": keep}, tag_dir / "teacher.pt")
+    rc, out = export_cli(capsys, tag_dir, "--which", "teacher", "--out", tmp_path / "o")
+    assert rc == 2 and "depth 0" in out and "--which student" in out
+    rc, out = export_cli(capsys, tag_dir, "--also-teacher", "--out", tmp_path / "o")
+    assert rc == 2 and not (tmp_path / "o").exists()                       # nothing written half-way
+
+
+@pytest.mark.parametrize("arch,img,want", [
+    ("vit_base_patch16", 224, ("vit_base_patch16_224", {})),
+    ("vit_base_patch16", 384, ("vit_base_patch16_384", {})),
+    ("vit_large_patch16", 224, ("vit_large_patch16_224", {})),
+    ("vit_huge_patch14", 224, ("vit_huge_patch14_224", {})),
+    ("vit_huge_patch14", 448, ("vit_huge_patch14_224", {"img_size": 448})),
+    ("vit_giant_patch14", 224, ("vit_giant_patch14_224", {})),
+    ("vit_gigantic_patch14", 224, ("vit_gigantic_patch14_224", {})),
+    ("vit_small_patch8", 64, ("vit_base_patch16_224", dict(img_size=64, patch_size=8, embed_dim=192, depth=6,
+                                                           num_heads=6, mlp_ratio=4.0))),
+])
+def test_timm_names_match_our_architectures(arch, img, want):
+    """Built on the meta device: names, widths, depths, heads and MLP sizes agree with timm 1.0's models."""
+    from dbot_ds.config import build_config
+    from dbot_ds.export import timm_spec, to_timm_state
+    from dbot_ds.models import Encoder
+    cfg = build_config({"model.arch": arch, "model.img_size": img, "schedule.stage_steps": [1]}).model
+    with torch.device("meta"):
+        state = Encoder(cfg, cfg.depth).state_dict()
+        no_norm = Encoder(cfg, cfg.depth, final_norm=False).state_dict()     # a teacher without the final norm
+    assert timm_spec(cfg, to_timm_state(state, cfg), cfg.depth, True) == want
+    assert timm_spec(cfg, to_timm_state(no_norm, cfg), cfg.depth, False) == (want[0], dict(want[1], final_norm=False))
+
+
+def test_public_api_imports_without_deepspeed():
+    code = ("import sys, dbot_ds, dbot_ds.export; assert 'deepspeed' not in sys.modules, 'deepspeed imported'; "
+            "assert callable(dbot_ds.load_encoder) and callable(dbot_ds.encode)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
