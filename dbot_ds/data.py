@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -28,9 +29,18 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torchvision.transforms import v2
-from torchvision.transforms.functional import pil_to_tensor
 
 log = logging.getLogger(__name__)
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every call; they are still
+# the fastest CPU JPEG path, so that one warning is silenced; PIL serves where they are missing.
+warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg as _decode_jpeg
+    _RGB = ImageReadMode.RGB
+except ImportError:  # pragma: no cover
+    _decode_jpeg = None
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -252,12 +262,23 @@ def _raw_samples(url: str, start: int = 0, stop: int | None = None, count: bool 
         _skip(f"shard {url} gave no samples in [{start}, {stop})")
 
 
-def _load_rgb(data: bytes, min_side: int) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
+def _load_rgb(data: bytes, min_side: int) -> torch.Tensor:
+    """Decoded RGB image as a uint8 tensor [3, H, W]. Corrupt or truncated data raises."""
+    img = Image.open(io.BytesIO(data))                     # reads the header only
+    if _decode_jpeg is not None and img.format == "JPEG" and min(img.size) < 2 * min_side:
+        try:   # libjpeg-turbo straight into a tensor: ~25% faster than PIL plus the array copy, same pixels
+            return _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_RGB)
+        except RuntimeError:
+            pass                                           # e.g. CMYK: PIL below converts it, or raises
     # JPEG only: decode at 1/2, 1/4 or 1/8 resolution when the result still has >= min_side pixels per side.
     # Big speed-up for large photos; a no-op for other formats.
     img.draft("RGB", (min_side, min_side))
-    return img.convert("RGB")  # forces the full decode, so corrupt/truncated data raises here
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    # np.asarray forces the full decode, so corrupt/truncated data raises here. The array is read-only; the
+    # tensor is only read (the crop/resize makes a new one), so no copy is made.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
 
 
 class _Decoder:
@@ -295,12 +316,15 @@ class _Decoder:
         _consecutive_skips = 0
         if validate_only:
             return True
-        outer = torch.get_rng_state()
-        torch.manual_seed(seed)
+        # Crop and resize run on the uint8 tensor (torch's antialiased bicubic kernel: ~4x faster than PIL's
+        # here). Only the CPU generator is seeded: torch.manual_seed would also touch every accelerator.
+        rng = torch.default_generator
+        outer = rng.get_state()
+        rng.manual_seed(seed)
         try:
-            return pil_to_tensor(self.augment(img))
+            return self.augment(img).contiguous()
         finally:
-            torch.set_rng_state(outer)
+            rng.set_state(outer)
 
 
 def _shuffled(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict]:
@@ -471,4 +495,4 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     Computed in float32 and cast at the end, so bf16/fp16 outputs only round once.
     """
     mean, std = _mean_std(images.device)
-    return ((images.float() - mean) / std).to(dtype)
+    return images.float().sub_(mean).div_(std).to(dtype)     # in place on the fresh float copy
