@@ -3,6 +3,7 @@ r"""`dbot-bench`: throughput benchmarks for dbot-ds.
     dbot-bench fixture --out /tmp/benchfix --num 1200
     dbot-bench data --shards '/tmp/benchfix/shard-{000000..000004}.tar' --baseline-dir /tmp/benchfix/files \
         --workers 2 --steps 20 --batch 64
+    dbot-bench step --arch vit_huge_patch14 --micro-batch 128 --zero zero2 --baseline     # see bench_step.py
 
 `data` times our webdataset loader (:func:`dbot_ds.data.build_train_loader` + :func:`~dbot_ds.data.normalize`)
 against the usual torchvision ImageFolder + DataLoader pipeline on the same JPEGs, and prints a summary
@@ -321,6 +322,7 @@ def _cmd_fixture(args: argparse.Namespace) -> int:
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dbot-bench", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("data", help="data loader throughput: ours vs ImageFolder + torchvision")
@@ -343,7 +345,11 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_fixture)
-    # `step` (model step throughput, issue 4) goes here as another subparser with its own func.
+
+    p = commands.add_parser("step", help="training-step throughput, TFLOP/s, MFU and memory (see bench_step.py)")
+    from . import bench_step
+    bench_step.add_arguments(p)
+    p.set_defaults(func=bench_step.main)
 
     args = parser.parse_args(argv)
     if args.command == "data" and (args.steps < 1 or args.batch < 1 or args.warmup < 0 or args.workers < 0):

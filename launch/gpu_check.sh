@@ -38,7 +38,8 @@ for bench in sorted(pathlib.Path(sys.argv[1]).glob("vit_h_*[0-9].json")):
                 f"{b['tflops_per_gpu']:.0f} | {100 * b['mfu']:.1f}% | {b.get('baseline_img_per_s_per_gpu', 0):.0f} | "
                 f"{b.get('speedup', 0):.2f}x | {b['peak_mem_gib']:.1f} | {predicted:.1f} | "
                 f"{100 * (predicted - b['peak_mem_gib']) / b['peak_mem_gib']:+.0f}% |")
-print(f"\nViT-H/14 224px, ZeRO-2, replicated teacher, bf16, 1 GPU: {json.loads(bench.read_text())['device']}")
+last = json.loads(bench.read_text())
+print(f"\n{last['arch']} {last['img_size']}px, ZeRO-2, replicated teacher, bf16, 1 GPU: {last['device']}")
 print("| teacher depth | micro-batch | ckpt | img/s/GPU | TFLOP/s | MFU | baseline img/s | speedup | peak GiB | dbot-plan GiB | plan error |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 print("\n".join(rows))
