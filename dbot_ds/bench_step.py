@@ -15,6 +15,7 @@ autocast on a CPU), unfused AdamW, the same model. The last line of output is on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -39,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default="replicated", choices=["replicated", "zero3"])
     p.add_argument("--teacher-depth", default="full", help="'full' (stage >= 1), or a number (0: stage 0 of L/H)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (model.compile)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--baseline", action="store_true", help="also time the reference-style step; print the ratio")
@@ -49,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _config(a: argparse.Namespace, world: int):
     overrides = ["schedule.stage_steps=[1]", f"model.arch={a.arch}", f"model.act_ckpt_every={a.ckpt}",
                  f"optim.micro_batch={a.micro_batch}", f"optim.global_batch={a.micro_batch * world}",
-                 f"optim.precision={a.precision}", f"deepspeed.config={a.zero}", f"teacher.placement={a.teacher}"]
+                 f"optim.precision={a.precision}", f"deepspeed.config={a.zero}", f"teacher.placement={a.teacher}",
+                 f"model.compile={a.compile}"]
     if a.img_size:
         overrides.append(f"model.img_size={a.img_size}")
     return load_config(overrides=overrides)
@@ -114,8 +117,9 @@ def time_ours(cfg, depth: int, images: torch.Tensor, world: int, device: torch.d
 
 def time_baseline(cfg, depth: int, images: torch.Tensor, device: torch.device, steps: int, warmup: int) -> list[float]:
     """Per-step seconds of the reference-style step: fp32 weights, autocast + GradScaler, unfused AdamW."""
-    student = build_student(cfg.model, seed=0).to(device).train()
-    teacher = build_teacher(cfg.model, depth, final_norm=False).to(device)
+    model_cfg = dataclasses.replace(cfg.model, compile=False)          # the reference does not compile
+    student = build_student(model_cfg, seed=0).to(device).train()
+    teacher = build_teacher(model_cfg, depth, final_norm=False).to(device)
     teacher.load_state_dict({k: v for k, v in student.encoder.state_dict().items() if k in teacher.state_dict()})
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(student, o.weight_decay), lr=1e-4, betas=(o.beta1, o.beta2),
@@ -161,7 +165,7 @@ def run(a: argparse.Namespace) -> dict:
     peak, peak_name = _peak_tflops(a, device)
     tflops = img_s * flops["model"] / 1e12
     out = {"arch": a.arch, "img_size": size, "micro_batch": a.micro_batch, "world": world, "zero": a.zero,
-           "act_ckpt_every": a.ckpt, "teacher": a.teacher, "teacher_depth": depth, "precision": a.precision,
+           "act_ckpt_every": a.ckpt, "compile": a.compile, "teacher": a.teacher, "teacher_depth": depth, "precision": a.precision,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "img_per_s_per_gpu": img_s, "step_s": med["step"], "tflops_per_gpu": tflops, "peak_tflops": peak,
            "peak_source": peak_name, "mfu": tflops / peak, "gflops_per_image": flops["model"] / 1e9,

@@ -55,6 +55,7 @@ class ModelConfig:
     mask_ratio: float = 0.75           # fraction of patches hidden from the student
     drop_path: float = 0.0             # student stochastic depth (teacher: always 0)
     act_ckpt_every: int = 0            # activation checkpointing: 0 off, 1 every block, k every k-th block
+    compile: bool = False              # torch.compile each transformer block (student and teacher)
 
 
 @dataclass

@@ -146,6 +146,8 @@ class Student(nn.Module):
         self.decoder_norm = LayerNorm(dd)
         self.predictor = nn.Linear(dd, teacher_dim or cfg.embed_dim)
         init_weights(self)
+        if cfg.compile:
+            compile_blocks(self)
 
     def forward_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] -> (latent [B, 1 + K, D], mask [B, N], ids_restore [B, N])."""
@@ -183,7 +185,7 @@ def build_teacher(cfg: ModelConfig, depth: int, final_norm: bool) -> Encoder:
     """A frozen teacher encoder over all tokens (no masking, no drop-path), in eval mode with no grads."""
     teacher = Encoder(cfg, depth, final_norm=final_norm)
     teacher.requires_grad_(False)
-    return teacher.eval()
+    return (compile_blocks(teacher) if cfg.compile else teacher).eval()
 
 
 def teacher_state_from_student(student_encoder_state: dict[str, torch.Tensor], teacher: nn.Module) -> dict[str, torch.Tensor]:
@@ -192,6 +194,15 @@ def teacher_state_from_student(student_encoder_state: dict[str, torch.Tensor], t
     if missing:
         raise KeyError(f"student encoder lacks teacher weights {missing[:5]}")
     return {k: student_encoder_state[k] for k in teacher.state_dict()}
+
+
+def compile_blocks(module: nn.Module) -> nn.Module:
+    """Regional torch.compile: every transformer block compiled in place. All blocks of a stack share shapes,
+    so one graph serves them; ZeRO-3's gather hooks and activation checkpointing stay around the blocks."""
+    for m in module.modules():
+        if isinstance(m, Block):
+            m.compile()
+    return module
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,6 +1,8 @@
 """Shared fixtures: a small synthetic shard set and helpers that start real training processes."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import shutil
@@ -16,6 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tiny two-stage run used by the multi-process tests: 2 ranks x micro 8 = global 16, no loader workers.
 TINY = ["schedule.stage_epochs=[]", "schedule.warmup_epochs=0", "optim.global_batch=16", "optim.micro_batch=8",
         "data.num_workers=0", "data.shuffle_buffer=32", "run.progress=false"]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_shm_buffers():
+    """Remove DeepSpeed CPU all-reduce buffers that a killed or crashed test process left in /dev/shm (normal
+    exits remove their own, see dbot_ds.distributed)."""
+    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    yield
+    for path in set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 @pytest.fixture(scope="session")
