@@ -123,3 +123,20 @@ def test_architecture_sizes(arch, millions):
     enc = sum(p.numel() for p in s.encoder.parameters()) + s.encoder.pos_embed.numel()
     assert abs(enc / 1e6 / millions - 1) < 0.01
     assert ARCHS[arch]["decoder_embed_dim"] == 512 and ARCHS[arch]["decoder_depth"] == 8
+
+
+def test_compiled_blocks_give_the_same_loss_and_grads():
+    from dbot_ds.objective import dbot_loss
+    x, target = torch.randn(2, 3, 32, 32), torch.randn(2, 65, 96)
+    out = []
+    for compile_ in (False, True):
+        s = build_student(tiny(compile=compile_, act_ckpt_every=2), seed=0).train()
+        torch.manual_seed(7)
+        pred, mask = s(x)
+        loss = dbot_loss(pred, target, mask)
+        loss.backward()
+        out.append((loss.detach(), s.encoder.blocks[0].attn.qkv.weight.grad.clone()))
+        compiled = getattr(s.encoder.blocks[0], "_compiled_call_impl", None) is not None
+        assert compiled == compile_ and (getattr(s.decoder_blocks[0], "_compiled_call_impl", None) is not None) == compile_
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-4)
+    assert torch.allclose(out[0][1], out[1][1], rtol=1e-3, atol=1e-6)
