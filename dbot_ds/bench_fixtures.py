@@ -12,15 +12,13 @@ The same bytes are written twice: as webdataset shards (+ manifest.json, the for
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageEnhance
 
-from dbot_ds.shards import MANIFEST, SHARD_NAME, shard_pattern
+from dbot_ds.shards import shard_pattern, write_generated_shards
 
 # Real photographs in the scikit-image wheel (no pooch download needed), sorted so the class index equals
 # ImageFolder's (alphabetical) index. Grey ones are stored as 3-channel JPEGs, as ImageNet's grey images are
@@ -87,30 +85,21 @@ def write_photo_fixture(out_dir: str | Path, num: int, *, seed: int = 0, per_sha
     Image i shows photo ``i % len(photos)`` (balanced classes; ``cls`` in the shards = ImageFolder's index when
     num >= number of photos) and draws its augmentation from an RNG seeded by (seed, i). Returns the manifest.
     """
-    if num < 1 or per_shard < 1:
-        raise ValueError(f"need num >= 1 and per_shard >= 1, got num={num}, per_shard={per_shard}")
     out_dir = Path(out_dir)
     photos = load_photos()
     names = sorted(photos)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = []
-    for shard in range(math.ceil(num / per_shard)):
-        indices = range(shard * per_shard, min(num, (shard + 1) * per_shard))
-        with wds.TarWriter(str(out_dir / SHARD_NAME.format(shard)), mtime=0) as sink:
-            for i in indices:
-                rng = np.random.default_rng([seed, i])
-                cls = i % len(names)  # balanced classes
-                buf = io.BytesIO()
-                _random_view(rng, photos[names[cls]]).save(buf, format="JPEG", quality=JPEG_QUALITY)
-                sink.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "cls": str(cls).encode()})
-                class_dir = out_dir / "files" / names[cls]
-                class_dir.mkdir(parents=True, exist_ok=True)
-                (class_dir / f"{i:08d}.jpg").write_bytes(buf.getvalue())
-        counts.append(len(indices))
-    manifest = {"num_samples": sum(counts),
-                "shards": [{"name": SHARD_NAME.format(i), "num_samples": n} for i, n in enumerate(counts)]}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+
+    def make(i: int) -> tuple[bytes, int]:
+        rng = np.random.default_rng([seed, i])
+        cls = i % len(names)  # balanced classes
+        buf = io.BytesIO()
+        _random_view(rng, photos[names[cls]]).save(buf, format="JPEG", quality=JPEG_QUALITY)
+        class_dir = out_dir / "files" / names[cls]       # the same bytes as files, for the ImageFolder baseline
+        class_dir.mkdir(parents=True, exist_ok=True)
+        (class_dir / f"{i:08d}.jpg").write_bytes(buf.getvalue())
+        return buf.getvalue(), cls
+
+    return write_generated_shards(out_dir, num, per_shard, make)
 
 
 def fixture_paths(out_dir: str | Path) -> tuple[str, str]:

@@ -19,7 +19,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 

@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +79,10 @@ def _write_manifest(out_dir: Path, counts: list[int], extra: dict | None = None)
     return manifest
 
 
-def write_synthetic_shards(out_dir: str | Path, num: int, *, img_size: int = 64, per_shard: int = 256,
-                           seed: int = 0, num_classes: int = 10) -> dict:
-    """Write ``num`` synthetic JPEG samples to ``out_dir/shard-NNNNNN.tar`` and return the manifest.
-
-    Deterministic given ``seed``: sample i uses its own RNG seeded by (seed, i), and tar mtimes are fixed,
-    so the same arguments give byte-identical shards.
-    """
+def write_generated_shards(out_dir: str | Path, num: int, per_shard: int,
+                           make: Callable[[int], tuple[bytes, int]]) -> dict:
+    """Write samples 0..num-1, each ``make(i) -> (JPEG bytes, class)``, to ``out_dir/shard-NNNNNN.tar`` with fixed
+    tar mtimes (byte-identical re-runs), plus manifest.json; returns the manifest."""
     if num < 1 or per_shard < 1:
         raise ValueError(f"need num >= 1 and per_shard >= 1, got num={num}, per_shard={per_shard}")
     out_dir = Path(out_dir)
@@ -94,13 +92,27 @@ def write_synthetic_shards(out_dir: str | Path, num: int, *, img_size: int = 64,
         indices = range(shard * per_shard, min(num, (shard + 1) * per_shard))
         with wds.TarWriter(str(out_dir / SHARD_NAME.format(shard)), mtime=0) as sink:
             for i in indices:
-                rng = np.random.default_rng([seed, i])
-                cls = int(rng.integers(num_classes))
-                buf = io.BytesIO()
-                synthetic_image(rng, img_size, cls).save(buf, format="JPEG", quality=90)
-                sink.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "cls": str(cls).encode()})
+                jpeg, cls = make(i)
+                sink.write({"__key__": f"{i:08d}", "jpg": jpeg, "cls": str(cls).encode()})
         counts.append(len(indices))
     return _write_manifest(out_dir, counts)
+
+
+def write_synthetic_shards(out_dir: str | Path, num: int, *, img_size: int = 64, per_shard: int = 256,
+                           seed: int = 0, num_classes: int = 10) -> dict:
+    """Write ``num`` synthetic JPEG samples to ``out_dir/shard-NNNNNN.tar`` and return the manifest.
+
+    Deterministic given ``seed``: sample i uses its own RNG seeded by (seed, i), and tar mtimes are fixed,
+    so the same arguments give byte-identical shards.
+    """
+    def make(i: int) -> tuple[bytes, int]:
+        rng = np.random.default_rng([seed, i])
+        cls = int(rng.integers(num_classes))
+        buf = io.BytesIO()
+        synthetic_image(rng, img_size, cls).save(buf, format="JPEG", quality=90)
+        return buf.getvalue(), cls
+
+    return write_generated_shards(out_dir, num, per_shard, make)
 
 
 def shard_pattern(out_dir: str | Path) -> str:

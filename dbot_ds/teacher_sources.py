@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ARCHS, ConfigError, Config, ModelConfig
+from .config import ARCHS, Config, ConfigError
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import Encoder
 

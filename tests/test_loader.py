@@ -14,7 +14,6 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds

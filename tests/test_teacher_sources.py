@@ -3,7 +3,6 @@ vision tower (in-process, and for a few steps under the deepspeed launcher with 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
