@@ -118,7 +118,7 @@ def dataset_size(pattern: str) -> int:
 
 # ----------------------------------------------------------------------------------- seeds and workers
 
-def _mix_seed(*ints: int) -> int:
+def mix_seed(*ints: int) -> int:
     """A well-mixed 63-bit seed from a few ints. Unlike hash() of strings this is stable across processes."""
     state = np.random.SeedSequence([int(i) % 2**63 for i in ints]).generate_state(1, np.uint64)[0]
     return int(state) >> 1
@@ -198,7 +198,7 @@ def reader_ranges(counts: list[int], reader: int, readers: int) -> list[tuple[in
 def _epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     """Shard order of one epoch: the same on every rank and worker (seeded by (seed, epoch) only)."""
     order = list(range(num_shards))
-    random.Random(_mix_seed(seed, epoch)).shuffle(order)
+    random.Random(mix_seed(seed, epoch)).shuffle(order)
     return order
 
 
@@ -337,15 +337,15 @@ def _shuffled(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict
 
 def _resampled_images(shards: list[str], decode: _Decoder, *, seed: int, reader: int, shuffle_buffer: int):
     """Endless images: shards drawn with replacement by a per-reader RNG, samples shuffled in a buffer."""
-    rng = random.Random(_mix_seed(seed, reader, _SHARD_STREAM))
+    rng = random.Random(mix_seed(seed, reader, _SHARD_STREAM))
 
     def raw() -> Iterator[dict]:
         while True:
             yield from _raw_samples(rng.choice(shards))
 
     index = 0
-    for sample in _shuffled(raw(), shuffle_buffer, _mix_seed(seed, reader, _SHUFFLE_STREAM)):
-        image = decode(sample, _mix_seed(seed, reader, _AUGMENT_STREAM, index))
+    for sample in _shuffled(raw(), shuffle_buffer, mix_seed(seed, reader, _SHUFFLE_STREAM)):
+        image = decode(sample, mix_seed(seed, reader, _AUGMENT_STREAM, index))
         if image is not None:
             index += 1
             yield image
@@ -368,7 +368,7 @@ def _epoch_images(shards: list[str], counts: list[int], decode: _Decoder, *, see
             if produced == per_reader:
                 return
             replay = produced < skip        # resumed: already consumed (and counted) before the restart
-            ok = decode(sample, _mix_seed(seed, epoch, reader, produced), count=count and not replay,
+            ok = decode(sample, mix_seed(seed, epoch, reader, produced), count=count and not replay,
                         validate_only=replay)
             if ok is None:
                 continue
@@ -380,7 +380,7 @@ def _epoch_images(shards: list[str], counts: list[int], decode: _Decoder, *, see
         for i, a, b in reader_ranges(ordered_counts, r, readers):
             yield from _raw_samples(shards[order[i]], a, b, count=count)
 
-    yield from emit(_shuffled(slice_samples(reader, True), shuffle_buffer, _mix_seed(seed, epoch, reader)), True)
+    yield from emit(_shuffled(slice_samples(reader, True), shuffle_buffer, mix_seed(seed, epoch, reader)), True)
     for attempt in range(readers):          # padding passes: own slice first, then the next slices
         if produced == per_reader:
             return
@@ -477,7 +477,7 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
         # The DataLoader draws worker base seeds from this generator instead of the caller's global RNG.
-        generator=torch.Generator().manual_seed(_mix_seed(seed, rank)),
+        generator=torch.Generator().manual_seed(mix_seed(seed, rank)),
     )
 
 

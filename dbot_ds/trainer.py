@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
-from .data import build_train_loader, dataset_size, epoch_batches_per_rank, normalize, shard_counts
+from .data import build_train_loader, dataset_size, epoch_batches_per_rank, mix_seed, normalize, shard_counts
 from .distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, world_size_from_env
 from .engine import build_ds_config, full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
 from .metrics import MetricsLogger
@@ -38,14 +38,6 @@ RESUME_KEYS = ["model.img_size", "model.patch_size", "model.embed_dim", "model.d
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; raised on every rank at the next sync point, before any checkpoint."""
-
-
-def mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (no Python hash randomisation)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & (2**63 - 1)
-    return h
 
 
 def resolve_shards(cfg: Config, rank: int) -> str:
