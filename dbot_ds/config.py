@@ -92,6 +92,11 @@ class OptimConfig:
     beta2: float = 0.95
     clip_grad: float = 0.0             # max global grad norm; 0 = no clipping
     precision: str = "bf16"            # "bf16" or "fp32"
+    skip_nonfinite_steps: bool = True  # ZeRO-1/2 + bf16: DeepSpeed checks grads for inf/NaN and skips such steps
+                                       # (bf16.check_grad_overflow; ZeRO-3 always does); false: no check, and a
+                                       # non-finite gradient poisons the weights (caught as a non-finite loss)
+    max_skipped_in_row: int = 3        # stop the run after this many skipped optimizer steps in a row; 0 = never
+    max_skipped_frac: float = 0.5      # ... or when this fraction of a log window is skipped (>= 2 skips); 0 = never
 
 
 @dataclass
@@ -113,7 +118,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/demo"
+    out_dir: str = "runs/dbot"
     seed: int = 0
     log_every: int = 10                # steps between metric reductions (the only host syncs)
     save_every: int = 500              # steps between checkpoints (plus one at every stage end)
@@ -121,6 +126,8 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     stop_after_steps: int = 0          # >0: stop cleanly after this many global steps (for tests / time slots)
+    keep_saved_plan: bool = False      # resume: continue with the checkpoint's stage plan (in steps) even though
+                                       # this run's dataset size or loader geometry would give another one
 
 
 @dataclass
@@ -308,6 +315,8 @@ def validate(cfg: Config) -> None:
     if o.micro_batch <= 0 or o.global_batch <= 0 or o.global_batch % o.micro_batch:
         raise ConfigError(f"optim.global_batch={o.global_batch} must be a positive multiple of "
                           f"optim.micro_batch={o.micro_batch}")
+    if o.max_skipped_in_row < 0 or not 0.0 <= o.max_skipped_frac <= 1.0:
+        raise ConfigError("optim.max_skipped_in_row must be >= 0 and optim.max_skipped_frac in [0, 1] (0 disables each)")
     if cfg.run.log_every <= 0 or cfg.run.save_every <= 0:
         raise ConfigError("run.log_every and run.save_every must be > 0")
 

@@ -426,11 +426,17 @@ class _Stream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         try:
-            batches = wds.batched(self.micro_batch, collation_fn=torch.stack, partial=False)(self.images())
-            yield from _with_skip_counts(batches)
+            yield from _with_skip_counts(_full_batches(self.images(), self.micro_batch))
         except _BrokenData as e:
             raise RuntimeError(f"{e}: the data of {self.pattern!r} could not be read (see the warnings above for "
                                "the errors); check the paths, credentials of pipe:/http sources, and the files") from None
+
+
+def _full_batches(images: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """Stacked batches of `size`, each yielded as soon as it is full. (webdataset's `batched` yields a batch only
+    when the next image arrives, so the skips met while reading that image were counted one batch early.)"""
+    while len(batch := list(itertools.islice(images, size))) == size:
+        yield torch.stack(batch)
 
 
 def _with_skip_counts(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, int]]:

@@ -62,7 +62,11 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     o = cfg.optim
     ds.update(train_batch_size=o.global_batch, train_micro_batch_size_per_gpu=o.micro_batch,
               gradient_accumulation_steps=grad_accum_steps(cfg, world_size),
-              gradient_clipping=o.clip_grad, bf16={"enabled": o.precision == "bf16"})
+              gradient_clipping=o.clip_grad,
+              bf16={"enabled": o.precision == "bf16", "check_grad_overflow": o.skip_nonfinite_steps})
+    # DeepSpeed's throughput timer is on by default and, with no dataloader passed to initialize (ours),
+    # synchronises the device twice per micro-step. Our own metrics time the steps; keep it off unless asked.
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     return ds
 
 

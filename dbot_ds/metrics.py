@@ -32,8 +32,9 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if "loss" in record:
+            extra = {"skipped": record["skipped_steps"]} if record.get("skipped_steps") else {}
             self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 img_s=f"{record['img_per_s']:.0f}")
+                                 img_s=f"{record['img_per_s']:.0f}", **extra)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):

@@ -34,8 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     """Parse, build and train; returns the run folder. Raises ConfigError on bad input."""
     args = parse_args(argv)
-    cfg = load_config(path=args.config, preset=args.preset or (None if args.config else "demo"),
-                      overrides=args.overrides)
+    if not (args.preset or args.config or any(o.startswith("data.shards=") for o in args.overrides)):
+        raise ConfigError("no --preset, --config or data.shards given. For the built-in demo (a tiny model on "
+                          "generated images) run `dbot-pretrain --preset demo`; to train on your data give "
+                          "--preset vit_b (or --config FILE) and data.shards='/data/in1k/shard-{000000..001281}.tar'")
+    cfg = load_config(path=args.config, preset=args.preset, overrides=args.overrides)
     from .trainer import Trainer           # imports DeepSpeed: only after the config is known to be valid
     trainer = Trainer(cfg, resume=args.resume)
     run_dir = trainer.fit()
@@ -47,13 +50,17 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from .trainer import NonFiniteLoss
+    from .guards import TrainingDiverged
+    from .storage import StorageError
     try:
         main(argv)
     except ConfigError as e:
         print(f"dbot-pretrain: config error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
+    except StorageError as e:
+        print(f"dbot-pretrain: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
         print(f"dbot-pretrain: {e}", file=sys.stderr)
         return 3
     return 0

@@ -10,6 +10,8 @@ log steps, stage ends and checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -17,14 +19,16 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
-from .data import build_train_loader, dataset_size, epoch_batches_per_rank, mix_seed, normalize, shard_counts
+from .data import build_train_loader, epoch_batches_per_rank, mix_seed, normalize
+from .dataset import Dataset, resolve_dataset
 from .distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, world_size_from_env
+from .guards import NonFiniteLoss, SkippedSteps, TooManySkippedSteps, where
 from .engine import build_ds_config, full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
 from .metrics import MetricsLogger
 from .models import build_student
 from .objective import dbot_loss
-from .shards import shard_pattern, write_synthetic_shards
 from .stages import StagePlan, make_plan
+from .storage import StorageError, explain, folder_bytes, probe_writable, raise_together
 from .teacher import Teacher
 from .teacher_sources import external_teacher
 
@@ -36,32 +40,10 @@ RESUME_KEYS = ["model.img_size", "model.patch_size", "model.embed_dim", "model.d
                "optim.precision", "schedule", "data.num_samples", "run.seed"]
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf; raised on every rank at the next sync point, before any checkpoint."""
-
-
-def resolve_shards(cfg: Config, rank: int) -> str:
-    """The shard pattern. A folder with a manifest.json may be given instead; with data.synthetic_num > 0 a
-    missing folder is filled with generated images first (rank 0 writes, the others wait)."""
-    d = cfg.data
-    if not d.shards:
-        raise ConfigError("data.shards is empty: set it to a shard pattern (e.g. /data/in1k/shard-{000000..001281}.tar) "
-                          "or a folder with manifest.json (make one with `dbot-shards synthetic --out DIR --num N`)")
-    if any(c in d.shards for c in "{}") or d.shards.startswith(("pipe:", "http")) or d.shards.endswith(".tar"):
-        return d.shards
-    folder = Path(d.shards)
-    if not (folder / "manifest.json").exists():
-        if d.synthetic_num <= 0:
-            raise ConfigError(f"data.shards={folder} has no manifest.json; point it at a shard pattern or set "
-                              "data.synthetic_num to generate a synthetic dataset there")
-        if rank == 0:
-            write_synthetic_shards(folder, d.synthetic_num, img_size=max(64, cfg.model.img_size), seed=cfg.run.seed)
-        barrier()
-    return shard_pattern(folder)
-
-
-def check_resume(cfg: Config, meta: dict, world_size: int, zstage: int, tag: str) -> None:
-    """Fail before anything is built if the checkpoint cannot continue under this config."""
+def check_resume(cfg: Config, meta: dict, world_size: int, zstage: int, tag: str, plan: StagePlan,
+                 dataset: Dataset) -> StagePlan:
+    """Fail before anything is built if the checkpoint cannot continue under this config; returns the stage plan
+    to continue with (this run's, or the checkpoint's own with run.keep_saved_plan=true)."""
     saved = meta["client_state"]
     diff = config_diff(saved["config"], cfg.to_dict(), RESUME_KEYS)
     if diff:
@@ -72,6 +54,25 @@ def check_resume(cfg: Config, meta: dict, world_size: int, zstage: int, tag: str
         raise ConfigError(f"checkpoint {tag} was written by {saved['world_size']} ranks under ZeRO-{saved['zero_stage']}, "
                           f"this run has {world_size} ranks under ZeRO-{zstage}: DeepSpeed's partitioned optimizer "
                           "state only loads on the same layout (convert it with DeepSpeed's universal checkpoint tools)")
+    return _resume_plan(cfg, saved, tag, plan, dataset)
+
+
+def _resume_plan(cfg: Config, saved: dict, tag: str, plan: StagePlan, dataset: Dataset) -> StagePlan:
+    """The step -> stage map must not move under a resumed run: a different dataset size (or loader geometry in
+    exact-epoch mode) changes the stage lengths in steps, so the saved step could land in the wrong stage."""
+    old_n, old_lengths = saved.get("dataset", {}).get("num_samples"), saved.get("plan_lengths")
+    old_warmup = saved.get("plan_warmup_steps", plan.warmup_steps)
+    size_differs = old_n is not None and old_n != dataset.num_samples
+    plan_differs = old_lengths is not None and (tuple(old_lengths), old_warmup) != (plan.lengths, plan.warmup_steps)
+    if not (size_differs or plan_differs):
+        return plan
+    if cfg.run.keep_saved_plan:
+        return dataclasses.replace(plan, lengths=tuple(old_lengths), warmup_steps=old_warmup)
+    raise ConfigError(
+        f"checkpoint {tag} was written for a dataset of {old_n} samples and a stage plan of {old_lengths} steps "
+        f"(warmup {old_warmup}); this run has {dataset.num_samples} samples ({dataset.pattern}) and a plan of "
+        f"{list(plan.lengths)} steps (warmup {plan.warmup_steps}). Point data.shards at the original data, or pass "
+        "run.keep_saved_plan=true to continue with the checkpoint's step plan unchanged")
 
 
 class Trainer:
@@ -85,8 +86,13 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float32
         self.run_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.pattern = resolve_shards(cfg, self.rank)
-        self.step, self.samples_seen, self.skipped = 0, 0, 0
+        raise_together(probe_writable(self.run_dir) if self.rank == 0 else None)   # read-only / full: one line
+        self.dataset = resolve_dataset(cfg, self.rank, self.run_dir)
+        self.pattern = self.dataset.pattern
+        if self.rank == 0:
+            print(f"[dbot] {self.dataset.describe()}", flush=True)
+        self.step, self.samples_seen = 0, 0
+        self.skipped, self.skipped_base, self.skipped_total = 0, 0, 0   # this process's / at resume / all ranks
         try:   # bad data settings fail here, before the engine is built: missing shards, too few shards
             self.plan: StagePlan = make_plan(cfg, self._steps_per_epoch())
             self._loader()
@@ -94,11 +100,9 @@ class Trainer:
             raise ConfigError(str(e)) from e
         self.zstage = zero_stage(build_ds_config(cfg, self.world))
         self.resume_dir, tag = self._resume_tag(resume)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
-        barrier()
+        raise_together(self._dump_config() if self.rank == 0 else None)
         self._build(tag)
+        self.skips = SkippedSteps(cfg.optim.max_skipped_in_row, cfg.optim.max_skipped_frac, self.engine.skipped_steps)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.plan.total_steps, self.step,
                                      cfg.run.progress, cfg.run.tensorboard)
         self.data_iter = None
@@ -122,7 +126,8 @@ class Trainer:
             tag = ckpt.find_resume_tag(ckpt_dir)
             if tag is None:
                 return ckpt_dir, None
-        check_resume(self.cfg, ckpt.read_meta(ckpt_dir, tag), self.world, self.zstage, tag)
+        self.plan = check_resume(self.cfg, ckpt.read_meta(ckpt_dir, tag), self.world, self.zstage, tag, self.plan,
+                                 self.dataset)
         return ckpt_dir, tag
 
     def _build(self, tag: str | None) -> None:
@@ -143,11 +148,20 @@ class Trainer:
             return
         client, teacher = ckpt.load(self.engine, self.resume_dir, tag)
         state = client["dbot"]
-        self.step, self.samples_seen, self.skipped = state["step"], state["samples_seen"], state.get("skipped", 0)
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        # Older checkpoints hold rank 0's own count under "skipped"; newer ones the total over ranks.
+        self.skipped_base = self.skipped_total = state.get("skipped_total", state.get("skipped", 0))
         if external is None:
             self.teacher.rebuild(teacher["depth"], teacher["state"])
         if self.rank == 0:
             print(f"[dbot] resumed from {self.resume_dir / tag} at step {self.step} (stage {state['stage']})", flush=True)
+
+    def _dump_config(self) -> str | None:
+        try:
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        except OSError as e:
+            return explain(e, self.run_dir)
+        return None
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -177,14 +191,10 @@ class Trainer:
     def _steps_per_epoch(self) -> float:
         """Resampled: N // global_batch, as the reference's drop-last loader. Exact epochs: the loader's epoch
         (every sample once, plus < readers x micro_batch repeats so every rank gets whole batches)."""
-        d, o = self.cfg.data, self.cfg.optim
+        d, o, n = self.cfg.data, self.cfg.optim, self.dataset.num_samples
         if d.resampled:
-            return (d.num_samples or dataset_size(self.pattern)) // o.global_batch
-        total = sum(shard_counts(self.pattern, d.manifest or None))
-        if d.num_samples and d.num_samples != total:
-            raise ConfigError(f"data.num_samples={d.num_samples} but the manifest counts {total} samples; "
-                              "leave data.num_samples at 0 with data.resampled=false")
-        return epoch_batches_per_rank(total, self.world, d.num_workers, o.micro_batch) / self.accum
+            return n // o.global_batch
+        return epoch_batches_per_rank(n, self.world, d.num_workers, o.micro_batch) / self.accum
 
     def _loader(self):
         """The data stream from the current step. Resampled: reseeded by (seed, step). Exact epochs: one seed
@@ -195,7 +205,7 @@ class Trainer:
         return build_train_loader(self.pattern, img_size=self.cfg.model.img_size, micro_batch=self.cfg.optim.micro_batch,
                                   num_workers=d.num_workers, seed=seed, rank=self.rank, world_size=self.world,
                                   resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, start_batch=start,
-                                  manifest=d.manifest or None)
+                                  manifest=self.dataset.manifest)
 
     def _batches(self):
         """The current data iterator, built at the start, on resume, and (resampled) after each checkpoint."""
@@ -222,6 +232,7 @@ class Trainer:
             self.loss_sum += loss / self.accum
             bad = ~torch.isfinite(loss) & (self.bad_step == 0)      # remember the first bad step (1-based)
             self.bad_step = torch.where(bad, torch.full_like(self.bad_step, self.step + 1), self.bad_step)
+        self.skips.update(self.step + 1, self.engine.skipped_steps)   # a host int DeepSpeed already agreed on
 
     # -- sync points ---------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
@@ -231,17 +242,17 @@ class Trainer:
 
     def _sync_and_log(self) -> None:
         """Reduce the window's metrics over ranks (the host syncs of the run) and stop on a non-finite loss."""
+        steps = self.step - self.window_step
         bad = int(all_reduce_max(self.bad_step.clone()).item())
         if bad > 0:
-            stage, t = self.plan.locate(bad - 1)
-            last = ckpt.find_resume_tag(self.ckpt_dir)
-            raise NonFiniteLoss(
-                f"non-finite loss at stage {stage}, step {t + 1} of the stage (global step {bad}). No checkpoint was "
-                f"written from this state; `--resume auto` restarts from {last or 'the beginning'}. Consider a "
-                "lower optim.blr, optim.clip_grad, or checking the data")
-        steps = self.step - self.window_step
+            raise NonFiniteLoss(f"non-finite loss at {where(self.plan, bad)}. {self._restart_hint()}")
+        skipped = self.skips.verdict(steps, self.plan)
+        if skipped:
+            raise TooManySkippedSteps(f"{skipped}. {self._restart_hint()} (limits: optim.max_skipped_in_row, "
+                                      "optim.max_skipped_frac)")
         skipped = torch.tensor(float(self.skipped), device=self.device, dtype=torch.float64)
         loss_sum, skipped_all = all_reduce_sum(torch.stack([self.loss_sum, skipped])).tolist()
+        self.skipped_total = self.skipped_base + int(skipped_all)
         loss = loss_sum / (self.world * steps)
         dt = time.perf_counter() - self.window_start
         stage, t = self.plan.locate(self.step - 1)
@@ -251,9 +262,16 @@ class Trainer:
             "stage": stage, "step": self.step, "step_in_stage": t + 1, "loss": loss, "lr": self.plan.lr(self.step - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else None, "img_per_s": img_per_s,
             "img_per_s_per_gpu": img_per_s / self.world, "data_wait_frac": self.data_wait_s / dt,
-            "samples_seen": self.samples_seen, "skipped_samples": int(skipped_all),
+            "samples_seen": self.samples_seen, "skipped_samples": self.skipped_total,
+            "skipped_steps": self.skips.total,
         })
+        self.skips.reset_window()
         self._reset_window()
+
+    def _restart_hint(self) -> str:
+        last = ckpt.find_resume_tag(self.ckpt_dir)
+        return (f"No checkpoint was written from this state; `--resume auto` restarts from {last or 'the beginning'}. "
+                "Consider a lower optim.blr, optim.clip_grad, or checking the data")
 
     def _swap(self, next_stage: int) -> None:
         """Stage end: teacher <- student encoder (exact low-precision copy), student re-initialised, optional
@@ -269,15 +287,41 @@ class Trainer:
                            teacher_depth=depth, optimizer_reset=self.cfg.schedule.reset_optimizer)
 
     def _save(self, stage_end: bool) -> None:
-        tag = ckpt.save(self.engine, self.teacher, self.ckpt_dir, self.step, self.client_state(), stage_end,
-                        self.cfg.run.keep_last)
+        """Write a checkpoint. A folder that is read-only or too full for it fails on every rank before anything is
+        written; a write that fails anyway removes its partial tag, so `latest` stays on the previous one."""
+        need = self._checkpoint_bytes()
+        raise_together(probe_writable(self.ckpt_dir, need))
+        try:
+            tag = ckpt.save(self.engine, self.teacher, self.ckpt_dir, self.step, self.client_state(), stage_end,
+                            self.cfg.run.keep_last)
+        except OSError as e:
+            partial = self.ckpt_dir / ckpt.tag_for(self.step)
+            if self.rank == 0 and not (partial / "COMPLETE").exists():
+                shutil.rmtree(partial, ignore_errors=True)
+            raise StorageError(f"checkpoint at step {self.step} failed: {explain(e, self.ckpt_dir, need)}. "
+                               f"`--resume auto` continues from {ckpt.find_resume_tag(self.ckpt_dir) or 'the start'}") from e
         self.metrics.event("checkpoint", step=self.step, tag=tag, stage_end=stage_end)
         if self.cfg.data.resampled:
             self.data_iter = None    # the stream restarts from (seed, step): resume sees the same batches
         self._reset_window()
 
+    def _checkpoint_bytes(self) -> int:
+        """Bytes the next checkpoint needs: the size of the newest one, or before the first an estimate of bf16
+        weights + fp32 master + two fp32 Adam moments (14 bytes a parameter) plus the bf16 teacher."""
+        last = ckpt.find_resume_tag(self.ckpt_dir)
+        if last:
+            return folder_bytes(self.ckpt_dir / last)
+        def numel(module) -> int:
+            return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+        return 14 * numel(self.engine.module) + 2 * numel(self.teacher.module)
+
     def client_state(self) -> dict:
         stage, _ = self.plan.locate(self.step)
-        return {"step": self.step, "stage": stage, "samples_seen": self.samples_seen, "skipped": self.skipped,
-                "data_seed": mix_seed(self.cfg.run.seed, self.step), "world_size": self.world,
-                "zero_stage": self.zstage, "plan_lengths": list(self.plan.lengths), "config": self.cfg.to_dict()}
+        # skipped_total was reduced over ranks at the sync that always precedes a save.
+        return {"step": self.step, "stage": stage, "samples_seen": self.samples_seen,
+                "skipped_total": self.skipped_total, "data_seed": mix_seed(self.cfg.run.seed, self.step),
+                "world_size": self.world, "zero_stage": self.zstage, "plan_lengths": list(self.plan.lengths),
+                "plan_warmup_steps": self.plan.warmup_steps,
+                "dataset": {"pattern": self.dataset.pattern, "num_shards": self.dataset.num_shards,
+                            "num_samples": self.dataset.num_samples},
+                "config": self.cfg.to_dict()}

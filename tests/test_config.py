@@ -74,7 +74,15 @@ def test_deepspeed_json_may_not_restate_project_values(tmp_path):
     cfg = load_config(overrides=BASE + ["optim.global_batch=64", "optim.micro_batch=16", "optim.clip_grad=3"])
     ds = build_ds_config(cfg, 2)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 16, 2)
-    assert ds["gradient_clipping"] == 3.0 and ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 2
+    assert ds["gradient_clipping"] == 3.0 and ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    # DeepSpeed's throughput timer syncs the device twice per micro-step: off unless the JSON asks for it.
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+    off = build_ds_config(load_config(overrides=BASE + ["optim.skip_nonfinite_steps=false"]), 1)
+    assert off["bf16"]["check_grad_overflow"] is False
+    timed = tmp_path / "timed.json"
+    timed.write_text(json.dumps({"zero_optimization": {"stage": 2}, "timers": {"throughput": {"enabled": True}}}))
+    assert build_ds_config(load_config(overrides=BASE + [f"deepspeed.config={timed}"]), 1)["timers"]["throughput"]["enabled"]
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
     with pytest.raises(ConfigError, match="train_batch_size"):

@@ -1,0 +1,150 @@
+"""What `data.shards` names: the shard pattern, its size and where that size came from, resolved once at start.
+
+`data.shards` may be
+- a pattern (brace ranges, `::`-joined, `pipe:`, http): used as given;
+- a folder with `manifest.json` (written by `dbot-shards`): its shards and counts;
+- a folder of `.tar` shards without a manifest: read as shards; their samples are counted from the tar headers
+  once (rank 0) and the counts cached in the run folder, never written into the user's folder;
+- with `data.synthetic_num > 0` (the demo preset), a folder that does not exist or is empty: generated there.
+  Generation goes to a sibling folder first and is renamed into place when complete, so a killed run never
+  leaves a half-written dataset that would later be read as real shards.
+Nothing is ever written into an existing folder that holds files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError
+from .data import _local_path, expand_shards, shard_counts
+from .distributed import barrier
+from .shards import MANIFEST, count_tar_samples, shard_pattern, write_synthetic_shards
+
+COUNTS_FILE = "shard_counts.json"      # in the run folder: counts of manifest-less shards
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The resolved training data. `manifest` is the per-shard count table the loader reads (None: the
+    `manifest.json` beside each local shard); `num_samples` is the epoch size the stage plan uses."""
+    pattern: str
+    num_shards: int
+    num_samples: int
+    source: str                      # where num_samples came from, for the start-up line
+    manifest: str | None
+
+    def describe(self) -> str:
+        return (f"data: {self.pattern}: {self.num_shards} shards, {self.num_samples} samples "
+                f"(count from {self.source})")
+
+
+def resolve_dataset(cfg: Config, rank: int, run_dir: Path) -> Dataset:
+    """Resolve `data.shards` into a Dataset; a collective (rank 0 generates or counts, the others wait)."""
+    d = cfg.data
+    if not d.shards:
+        raise ConfigError("data.shards is empty: set it to a shard pattern (e.g. data.shards='/data/in1k/shard-"
+                          "{000000..001281}.tar', quoted so the shell leaves the braces alone) or a folder of shards; "
+                          "for the built-in demo run `dbot-pretrain --preset demo`")
+    if _is_pattern(d.shards):
+        return _sized(cfg, d.shards, rank, run_dir)
+    folder = Path(d.shards)
+    if not (folder / MANIFEST).exists() and _empty_or_missing(folder):
+        if d.synthetic_num <= 0:
+            raise ConfigError(f"data.shards={folder} {'is empty' if folder.exists() else 'does not exist'}; point it "
+                              "at your shards, or make test shards with `dbot-shards synthetic --out DIR --num N`")
+        if rank == 0:
+            _generate(folder, cfg)
+        barrier()
+    if (folder / MANIFEST).exists():
+        return _sized(cfg, shard_pattern(folder), rank, run_dir)
+    tars = sorted(p.name for p in folder.glob("*.tar"))
+    if not tars:
+        raise ConfigError(f"data.shards={folder} is a folder without manifest.json and without .tar shards; point it "
+                          "at webdataset shards (`dbot-shards folder --src DIR --out SHARDS` converts image folders)")
+    return _sized(cfg, "::".join(str(folder / t) for t in tars), rank, run_dir)
+
+
+def _is_pattern(shards: str) -> bool:
+    return any(c in shards for c in "{}") or "::" in shards or shards.endswith(".tar") or _local_path(shards) is None
+
+
+def _empty_or_missing(folder: Path) -> bool:
+    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def _generate(folder: Path, cfg: Config) -> None:
+    """Write the synthetic dataset beside `folder`, then rename it into place (atomic on one filesystem)."""
+    for stale in folder.parent.glob(f"{folder.name}.partial-*"):    # our own leftovers from a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    print(f"[dbot] generating {cfg.data.synthetic_num} synthetic images into {folder} (data.synthetic_num)", flush=True)
+    write_synthetic_shards(tmp, cfg.data.synthetic_num, img_size=max(64, cfg.model.img_size), seed=cfg.run.seed)
+    if folder.exists():
+        folder.rmdir()                    # empty (checked by the caller); rename cannot replace it portably
+    os.replace(tmp, folder)
+
+
+def _sized(cfg: Config, pattern: str, rank: int, run_dir: Path) -> Dataset:
+    """Attach the sample count: data.num_samples (resampled only), a manifest, or counted tar headers."""
+    try:
+        shards = expand_shards(pattern)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    d = cfg.data
+    if d.num_samples and d.resampled:
+        return Dataset(pattern, len(shards), d.num_samples, "data.num_samples", d.manifest or None)
+    manifest = d.manifest or None
+    if manifest is None and _without_manifest(shards):
+        manifest = str(run_dir / COUNTS_FILE)
+        if rank == 0:
+            _count_into(shards, Path(manifest))
+        barrier()
+        source = f"tar headers, cached in {manifest}"
+    else:
+        source = f"data.manifest {manifest}" if manifest else "manifest.json beside the shards"
+    try:
+        total = sum(shard_counts(pattern, manifest))
+    except ValueError as e:
+        raise ConfigError(f"{e}; or set data.num_samples (with data.resampled=true)") from e
+    if d.num_samples and d.num_samples != total:
+        raise ConfigError(f"data.num_samples={d.num_samples} but the shards hold {total} samples (from {source}); "
+                          "leave data.num_samples at 0 with data.resampled=false")
+    return Dataset(pattern, len(shards), total, source, manifest)
+
+
+def _without_manifest(shards: list[str]) -> bool:
+    """All shards are local and no manifest.json lies beside any of them."""
+    paths = [_local_path(s) for s in shards]
+    return all(p is not None for p in paths) and not any(
+        os.path.exists(os.path.join(os.path.dirname(os.path.abspath(p)), MANIFEST)) for p in paths)
+
+
+def _count_into(shards: list[str], out: Path) -> None:
+    """Count each shard's samples (reusing a cached count while its size and mtime are unchanged) and write
+    them to `out` in manifest format, keyed by file name as `shard_counts` looks them up."""
+    cached = json.loads(out.read_text()).get("files", {}) if out.exists() else {}
+    entries, files, start = [], {}, time.monotonic()
+    for i, url in enumerate(shards):
+        path = _local_path(url)
+        st = os.stat(path)
+        key, stamp = os.path.abspath(path), [st.st_size, st.st_mtime_ns]
+        hit = cached.get(key)
+        n = hit["num_samples"] if hit and hit["stamp"] == stamp else count_tar_samples(path)
+        files[key] = {"stamp": stamp, "num_samples": n}
+        entries.append({"name": os.path.basename(path), "num_samples": n})
+        if time.monotonic() - start > 10 and i % 100 == 0:
+            print(f"[dbot] counting samples: {i + 1}/{len(shards)} shards", flush=True)
+    names = [e["name"] for e in entries]
+    if len(set(names)) != len(names):
+        raise ConfigError("shards from different folders share file names; write a manifest for them with "
+                          "`dbot-shards manifest DIR` or set data.manifest")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"num_samples": sum(e["num_samples"] for e in entries), "shards": entries,
+                               "files": files}))
+    os.replace(tmp, out)
+
