@@ -314,7 +314,7 @@ def _cmd_fixture(args: argparse.Namespace) -> int:
     manifest = write_photo_fixture(args.out, args.num, seed=args.seed)
     pattern, folder = fixture_paths(args.out)
     print(f"wrote {manifest['num_samples']} real-photo JPEGs in {len(manifest['shards'])} shards to {args.out}")
-    print(f"shard pattern: {pattern}")
+    print(f"shard pattern: data.shards='{pattern}'")
     print(f"class folders: {folder}")
     return 0
 

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .config import load_config
+from .config import load_config, zero_name
 from .flops import PEAK_TFLOPS, step_flops_per_image
 from .models import build_student, build_teacher, param_groups
 from .objective import dbot_loss
@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="vit_huge_patch14")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=64, help="images per GPU per step")
-    p.add_argument("--zero", default="zero2", help="a ds_configs/ name or JSON path")
+    p.add_argument("--zero", default="zero2", type=zero_name,
+                   help="ZeRO stage 2/3 or a ds_configs/ name (zero2, zero3, zero3_offload) or a JSON path")
     p.add_argument("--ckpt", type=int, default=0, help="activation checkpointing: 0 off, 1 all, k every k-th block")
     p.add_argument("--teacher", default="replicated", choices=["replicated", "zero3"])
     p.add_argument("--teacher-depth", default="full", help="'full' (stage >= 1), or a number (0: stage 0 of L/H)")
@@ -46,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", action="store_true", help="also time the reference-style step; print the ratio")
     p.add_argument("--peak-tflops", type=float, default=None, help="default: from the GPU's name; 1.0 on a CPU")
     p.add_argument("--json", default=None, help="also write the JSON result here")
+    p.add_argument("--set", action="append", default=[], metavar="section.key=value",
+                   help="any other config override, e.g. --set optim.skip_nonfinite_steps=false (repeatable)")
 
 
 def _config(a: argparse.Namespace, world: int):
@@ -55,7 +58,7 @@ def _config(a: argparse.Namespace, world: int):
                  f"model.compile={a.compile}"]
     if a.img_size:
         overrides.append(f"model.img_size={a.img_size}")
-    return load_config(overrides=overrides)
+    return load_config(overrides=overrides + a.set)
 
 
 def _sync(device: torch.device) -> float:

@@ -112,7 +112,7 @@ class DataConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    config: str = ""                   # ds_configs/ name (zero2, zero3, zero3_offload) or a JSON path; "": the
+    config: str = ""                   # ds_configs/ name (zero2 or 2, zero3 or 3, zero3_offload) or a JSON path; "": the
                                        # file accelerate's config names (deepspeed_config_file), else zero2
 
 
@@ -220,14 +220,49 @@ def _valid_keys() -> dict[str, Any]:
     return keys
 
 
+def zero_name(value: str) -> str:
+    """One spelling for the ZeRO stage across tools: '2' or 'zero2' -> 'zero2'; 'zero3_offload' and JSON paths pass
+    through. dbot-plan, dbot-bench and deepspeed.config all accept either form."""
+    value = str(value).strip()
+    return f"zero{value}" if value in ("0", "1", "2", "3") else value
+
+
+def preset_names() -> list[str]:
+    return sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
-    """['optim.blr=1e-4', ...] -> {'optim.blr': '1e-4'}; each item must be section.key=value."""
+    """['optim.blr=1e-4', ...] -> {'optim.blr': '1e-4'}; each item must be section.key=value, each key once."""
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. optim.micro_batch=64)")
         key, value = item.split("=", 1)
-        out[key.strip()] = value
+        key = key.strip()
+        if key in out:
+            raise ConfigError(f"{key} is given twice ({out[key]!r} and {value!r}); give each key once. An unquoted "
+                              "brace pattern is expanded by the shell into one override per shard: quote it, e.g. "
+                              "data.shards='/data/shard-{000000..000009}.tar'")
+        out[key] = value
+    return out
+
+
+# A stage length or warmup given on the command line replaces the file's other form of it (epochs <-> steps), so
+# switching a preset from epochs to steps takes one override, not four.
+_EXCLUSIVE = {"schedule.stage_steps": "schedule.stage_epochs", "schedule.stage_epochs": "schedule.stage_steps",
+              "schedule.warmup_steps": "schedule.warmup_epochs", "schedule.warmup_epochs": "schedule.warmup_steps"}
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(raw)
+    for key in overrides:
+        other = _EXCLUSIVE.get(key)
+        if other and other not in overrides:
+            out.pop(other, None)
+    out.update(overrides)
+    if "schedule.stage_steps" in overrides and "schedule.warmup_epochs" in raw and not any(
+            k in overrides for k in ("schedule.warmup_epochs", "schedule.warmup_steps")):
+        out.pop("schedule.warmup_epochs")        # epochs-based warmup cannot go with steps-based stages
     return out
 
 
@@ -240,8 +275,7 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
     if preset:
         p = PRESET_DIR / f"{preset}.yaml"
         if not p.exists():
-            names = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
-            raise ConfigError(f"unknown preset '{preset}'; shipped presets: {', '.join(names)}")
+            raise ConfigError(f"unknown preset '{preset}'; shipped presets: {', '.join(preset_names())}")
         path = p
     if path:
         p = Path(path)
@@ -250,8 +284,7 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
         raw = _flatten(yaml.safe_load(p.read_text()) or {}, str(p))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    raw.update(overrides or {})
-    return build_config(raw)
+    return build_config(_apply_overrides(raw, overrides or {}))
 
 
 def build_config(flat: dict[str, Any]) -> Config:

@@ -20,7 +20,7 @@ from torch import nn
 import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from .config import Config, ConfigError, grad_accum_steps
+from .config import Config, ConfigError, grad_accum_steps, zero_name
 from .models import param_groups
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -33,6 +33,7 @@ def resolve_ds_json(name_or_path: str) -> Path:
     """The DeepSpeed JSON to use. Empty: the one `accelerate launch` was given (ACCELERATE_DEEPSPEED_CONFIG_FILE),
     else zero2. A value that disagrees with accelerate's file is an error, so the ZeRO stage has one source."""
     from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    name_or_path = zero_name(name_or_path) if name_or_path else name_or_path
     path = Path(name_or_path or from_accelerate or "zero2")
     if not path.suffix:
         path = DS_CONFIG_DIR / f"{path}.json"

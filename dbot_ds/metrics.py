@@ -1,25 +1,56 @@
-"""Run metrics: one JSON object per log step in metrics.jsonl, optional TensorBoard, a progress bar on rank 0."""
+"""Run metrics: one JSON object per log step in metrics.jsonl, optional TensorBoard, and on rank 0 a progress bar
+on a terminal or plain log lines when the output goes to a file.
+
+After a resume, metrics.jsonl keeps only the records up to the resumed step (the steps after it are trained
+again and logged anew), then a `resumed` event: each step appears once. `read_metrics` reads the file.
+"""
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `run_dir/metrics.jsonl` in order (log records have `loss`; events have `event`)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (trained again after a resume); atomic rewrite."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks get a logger that does nothing."""
 
-    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int, progress: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int, progress: bool, tensorboard: bool,
+                 resumed: dict | None = None):
         self.enabled = rank == 0
+        self.total_steps = total_steps
+        if self.enabled and resumed:
+            _truncate_after(run_dir / "metrics.jsonl", resumed["step"])
         self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (self.enabled and progress),
+        # A bar redrawn with \r is one endless line in a log file: plain lines there instead.
+        self.lines = self.enabled and progress and not sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (self.enabled and progress) or self.lines,
                         dynamic_ncols=True, unit="step", mininterval=2.0)
         self.tb = None
         if self.enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if resumed:
+            self.event("resumed", **resumed)
 
     def step(self) -> None:
         self.bar.update(1)
@@ -32,13 +63,21 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if "loss" in record:
-            extra = {"skipped": record["skipped_steps"]} if record.get("skipped_steps") else {}
-            self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 img_s=f"{record['img_per_s']:.0f}", **extra)
+            self._show(record)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
                     self.tb.add_scalar(k, v, record["step"])
+
+    def _show(self, r: dict) -> None:
+        fields = {"stage": r["stage"], "loss": f"{r['loss']:.4f}", "lr": f"{r['lr']:.2e}", "img_s": f"{r['img_per_s']:.0f}"}
+        if r.get("skipped_steps"):
+            fields["skipped"] = r["skipped_steps"]
+        if self.lines:
+            print(f"[dbot] step {r['step']}/{self.total_steps} " + " ".join(f"{k}={v}" for k, v in fields.items()),
+                  file=sys.stderr, flush=True)
+        else:
+            self.bar.set_postfix(**fields)
 
     def event(self, name: str, **fields) -> None:
         self.log({"event": name, **fields})

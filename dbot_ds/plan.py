@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import ARCHS, ModelConfig, load_config
+from .config import ARCHS, ModelConfig, load_config, zero_name
 from .models import Student, build_teacher
 
 GIB = 1024**3
@@ -115,7 +115,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="dbot-plan", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--arch", default="vit_huge_patch14", choices=sorted(ARCHS))
-    p.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
+    p.add_argument("--zero", type=zero_name, default="zero2", choices=["zero0", "zero1", "zero2", "zero3", "zero3_offload"],
+                   help="ZeRO stage: 0-3 or zero0..zero3, zero3_offload (sets --offload), as dbot-bench spells it")
     p.add_argument("--world", type=int, default=32, help="ranks (GPUs) in total")
     p.add_argument("--micro-batch", type=int, default=128, help="images per GPU per forward")
     p.add_argument("--ckpt", type=int, default=0, help="activation checkpointing: 0 off, 1 all, k every k-th block")
@@ -129,6 +130,8 @@ def parse_args(argv):
 
 def cli(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    a.offload = a.offload or a.zero == "zero3_offload"
+    a.zero = int(a.zero[4])
     overrides = ["schedule.stage_steps=[1]", f"model.arch={a.arch}"] + ([f"model.img_size={a.img_size}"] if a.img_size else [])
     cfg = load_config(overrides=overrides).model
     kw = dict(zero=a.zero, world=a.world, ckpt_every=a.ckpt, teacher=a.teacher, teacher_depth=a.teacher_depth,

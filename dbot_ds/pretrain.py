@@ -1,4 +1,4 @@
-"""dbot-pretrain: dBOT pre-training of a ViT on DeepSpeed, all stages and teacher swaps in one run.
+r"""dbot-pretrain: dBOT pre-training of a ViT on DeepSpeed, all stages and teacher swaps in one run.
 
 Demo on CPU (tiny ViT, generated shards, 2 short stages):
     dbot-pretrain --preset demo
@@ -6,8 +6,10 @@ Demo on CPU (tiny ViT, generated shards, 2 short stages):
 ViT-H/14 reference recipe on 4 nodes x 8 GPUs (see launch/):
     deepspeed --hostfile launch/hostfile --module dbot_ds.pretrain --preset vit_h \
         data.shards='/data/in1k/shard-{000000..001281}.tar' run.out_dir=/ckpt/dbot_vit_h
-Overrides are section.key=value (e.g. optim.micro_batch=64 model.act_ckpt_every=1); --resume auto (default)
-continues from the newest complete checkpoint in run.out_dir.
+Overrides are section.key=value (e.g. optim.micro_batch=64 model.act_ckpt_every=1); lists are written
+[a,b] (schedule.stage_steps=[4,4]) and cleared with []. Quote brace patterns so the shell leaves them alone.
+--resume auto (default) continues from the newest complete checkpoint in run.out_dir.
+Nothing here imports DeepSpeed until the config is valid: --help and config errors return at once.
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, preset_names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dbot-pretrain", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    first, _, rest = __doc__.partition("\n")
+    p = argparse.ArgumentParser(prog="dbot-pretrain", description=first.split(": ", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest.strip())
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="a shipped config: demo, vit_b, vit_l, vit_h")
+    src.add_argument("--preset", help=f"a shipped config: {', '.join(preset_names())}")
     src.add_argument("--config", help="a YAML config file (sections: model, teacher, schedule, optim, data, deepspeed, run)")
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint in run.out_dir, if any), none, or a checkpoint folder")

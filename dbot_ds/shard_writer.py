@@ -404,4 +404,4 @@ def _print_summary(out_dir: Path, summary: dict) -> None:
     for name, reason in skipped[:5]:
         print(f"  {name}: {reason}")
     print(f"manifest: {out_dir / MANIFEST}")
-    print(f"shard pattern: data.shards={shard_pattern(out_dir)}")
+    print(f"shard pattern: data.shards='{shard_pattern(out_dir)}'")

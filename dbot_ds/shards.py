@@ -167,7 +167,7 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
                                       seed=args.seed)
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
     print(f"manifest: {Path(args.out) / MANIFEST}")
-    print(f"shard pattern: {shard_pattern(args.out)}")
+    print(f"shard pattern: data.shards='{shard_pattern(args.out)}'")
     return 0
 
 

@@ -104,7 +104,7 @@ class Trainer:
         self._build(tag)
         self.skips = SkippedSteps(cfg.optim.max_skipped_in_row, cfg.optim.max_skipped_frac, self.engine.skipped_steps)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.plan.total_steps, self.step,
-                                     cfg.run.progress, cfg.run.tensorboard)
+                                     cfg.run.progress, cfg.run.tensorboard, resumed=self.resumed)
         self.data_iter = None
         self._reset_window()
 
@@ -133,6 +133,7 @@ class Trainer:
     def _build(self, tag: str | None) -> None:
         cfg = self.cfg
         self.teacher = Teacher(cfg, self.device, self.dtype)
+        self.resumed: dict | None = None
         external, self.teacher_dim = None, cfg.model.embed_dim
         if cfg.teacher.source != "bootstrap":          # weights from elsewhere: the predictor follows its width
             external, self.teacher_dim = external_teacher(cfg)
@@ -153,8 +154,10 @@ class Trainer:
         self.skipped_base = self.skipped_total = state.get("skipped_total", state.get("skipped", 0))
         if external is None:
             self.teacher.rebuild(teacher["depth"], teacher["state"])
+        where = f"stage {state['stage']}" if state["stage"] < self.plan.num_stages else "all stages finished"
         if self.rank == 0:
-            print(f"[dbot] resumed from {self.resume_dir / tag} at step {self.step} (stage {state['stage']})", flush=True)
+            print(f"[dbot] resumed from {self.resume_dir / tag} at step {self.step} ({where})", flush=True)
+        self.resumed = {"tag": str(self.resume_dir / tag), "step": self.step}
 
     def _dump_config(self) -> str | None:
         try:
@@ -173,15 +176,17 @@ class Trainer:
             self.samples_seen += cfg.optim.global_batch
             self.metrics.step()
             stage_end = plan.is_stage_end(self.step)
-            due_save = stage_end or self.step % cfg.run.save_every == 0
+            stopping = bool(cfg.run.stop_after_steps) and self.step >= cfg.run.stop_after_steps
+            due_save = stage_end or self.step % cfg.run.save_every == 0 or stopping   # a time-boxed stop saves first
             if due_save or self.step % cfg.run.log_every == 0:
                 self._sync_and_log()
             if stage_end and self.step < plan.total_steps:
                 self._swap(plan.locate(self.step)[0])
             if due_save:
                 self._save(stage_end)
-            if cfg.run.stop_after_steps and self.step >= cfg.run.stop_after_steps:
-                self.metrics.event("stopped", step=self.step, reason="run.stop_after_steps")
+            if stopping:
+                self.metrics.event("stopped", step=self.step, reason="run.stop_after_steps",
+                                   checkpoint=str(self.ckpt_dir / ckpt.tag_for(self.step)))
                 break
         self.metrics.close()
         self.data_iter = None

@@ -57,7 +57,7 @@ def test_fixture_shards_and_files_hold_the_same_real_photos(fixture_dir):
 def test_fixture_cli_prints_pattern_and_folder(capsys, tmp_path):
     assert cli(["fixture", "--out", str(tmp_path), "--num", "3", "--seed", "1"]) == 0
     printed = capsys.readouterr().out
-    assert f"shard pattern: {tmp_path / 'shard-000000.tar'}" in printed
+    assert f"shard pattern: data.shards='{tmp_path / 'shard-000000.tar'}'" in printed
     assert f"class folders: {tmp_path / 'files'}" in printed
 
 

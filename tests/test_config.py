@@ -104,3 +104,34 @@ def test_accelerate_names_the_deepspeed_json_once(monkeypatch):
     assert build_ds_config(load_config(overrides=BASE + ["deepspeed.config=zero3"]), 1)["zero_optimization"]["stage"] == 3
     with pytest.raises(ConfigError, match="differs from the deepspeed_config_file"):
         build_ds_config(load_config(overrides=BASE + ["deepspeed.config=zero2"]), 1)
+
+
+def test_a_key_given_twice_is_an_error_that_mentions_quoting():
+    with pytest.raises(ConfigError, match="data.shards is given twice.*quote it"):
+        load_config(overrides=BASE + ["data.shards=/x/shard-000000.tar", "data.shards=/x/shard-000001.tar"])
+
+
+def test_steps_on_the_command_line_replace_the_presets_epochs():
+    cfg = load_config(preset="demo", overrides=["schedule.stage_steps=[4,4]"])
+    s = cfg.schedule
+    assert (s.stage_steps, s.stage_epochs, s.warmup_epochs, s.warmup_steps) == ([4, 4], [], 0.0, 0)
+    cfg = load_config(preset="demo", overrides=["schedule.stage_steps=[4,4]", "schedule.warmup_steps=1"])
+    assert (cfg.schedule.warmup_steps, cfg.schedule.warmup_epochs) == (1, 0.0)
+    back = load_config(preset="demo", overrides=["schedule.stage_epochs=[1,1]"])     # the warmup stays in epochs
+    assert (back.schedule.stage_epochs, back.schedule.warmup_epochs) == ([1.0, 1.0], 0.5)
+    with pytest.raises(ConfigError, match="exactly one"):             # both forms at once is still an error
+        load_config(preset="demo", overrides=["schedule.stage_steps=[4]", "schedule.stage_epochs=[1]"])
+
+
+def test_help_lists_every_preset_without_importing_deepspeed():
+    import subprocess
+    import sys
+    code = ("import sys, dbot_ds.pretrain as p\n"
+            "try: p.parse_args(['--help'])\nexcept SystemExit: pass\n"
+            "assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("demo", "vit_b", "vit_l", "vit_h", "vit_h_clip"):
+        assert name in proc.stdout
+    assert proc.stdout.count("all stages and teacher swaps in one run") == 1
+    assert "--preset vit_h \\\n        data.shards=" in proc.stdout

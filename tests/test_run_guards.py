@@ -141,3 +141,19 @@ def test_full_disk_keeps_latest_and_resume_continues(tmp_path, shards, mounts):
     proc = launch_pretrain(0, common)
     assert "resumed from" in proc.tail and "at step 2" in proc.tail and "done: step 4/4" in proc.tail
     assert first.returncode == 0
+
+
+def test_time_boxed_stop_saves_first_and_logs_plain_lines(tmp_path, shards):
+    """run.stop_after_steps off the save grid still writes a checkpoint (and says where); output that is not a
+    terminal gets plain log lines instead of a tqdm bar redrawn with carriage returns."""
+    common = TINY + [f"data.shards={shards}", f"run.out_dir={tmp_path}", "schedule.stage_steps=[3,3]",
+                     "optim.micro_batch=16", "run.save_every=100", "run.log_every=1", "run.progress=true"]
+    proc = launch_pretrain(0, common + ["run.stop_after_steps=2"])
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"
+    stopped = [m for m in read_metrics(tmp_path) if m.get("event") == "stopped"]
+    assert stopped[0]["checkpoint"].endswith("checkpoints/step00000002")
+    assert "[dbot] step 2/6 stage=0 loss=" in proc.tail and "\r" not in proc.tail
+    proc = launch_pretrain(0, common)
+    assert "at step 2 (stage 0)" in proc.tail and "done: step 6/6" in proc.tail
+    proc = launch_pretrain(0, common)                                    # nothing left to train
+    assert "at step 6 (all stages finished)" in proc.tail
