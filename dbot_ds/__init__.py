@@ -10,7 +10,23 @@ Nothing here imports DeepSpeed; the implementations live in `dbot_ds.export` and
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+from pathlib import Path
+
 __all__ = ["load_encoder", "encode"]
+
+
+def _private_extensions_dir() -> str:
+    """A torch-extensions folder of this Python environment's own. On CPU, DeepSpeed JIT-builds C++ ops (the shm
+    all-reduce; cpu_adam for offload) into ~/.cache/torch_extensions, shared by every environment of the user:
+    two venvs then rebuild the same op in turn and wait on each other's lock files for minutes."""
+    env = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dbot_ds" / "torch_extensions" / env)
+
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", _private_extensions_dir())   # before anything imports DeepSpeed
 
 
 def load_encoder(export_dir, device="cpu", name: str = "encoder"):

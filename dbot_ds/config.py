@@ -345,9 +345,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("stages given in steps: give the warmup in steps too (schedule.warmup_steps)")
     if o.precision not in ("bf16", "fp32"):
         raise ConfigError(f"optim.precision must be 'bf16' or 'fp32', got '{o.precision}'")
-    if o.micro_batch <= 0 or o.global_batch <= 0 or o.global_batch % o.micro_batch:
-        raise ConfigError(f"optim.global_batch={o.global_batch} must be a positive multiple of "
-                          f"optim.micro_batch={o.micro_batch}")
+    if o.micro_batch <= 0 or o.global_batch <= 0:
+        raise ConfigError(f"optim.global_batch={o.global_batch} and optim.micro_batch={o.micro_batch} must be > 0")
+    grad_accum_steps(cfg, 1)          # global a multiple of micro; the error lists micro-batch sizes that work
     if o.max_skipped_in_row < 0 or not 0.0 <= o.max_skipped_frac <= 1.0:
         raise ConfigError("optim.max_skipped_in_row must be >= 0 and optim.max_skipped_frac in [0, 1] (0 disables each)")
     if cfg.run.log_every <= 0 or cfg.run.save_every <= 0:

@@ -4,8 +4,13 @@
 # settings; one markdown table at the end (paste it into BENCHMARKS.md with the card, date and command).
 # About 4-6 minutes on one H100. Run from the repository root:
 #   ./launch/gpu_check.sh [RESULTS_DIR]
-# On the lent GPU machine (no deepspeed/webdataset installed), first install the wheels collected by
-# ../shared/device/wheels.sh, as its header says, then run this script.
+# Needs, on the GPU node: Python >= 3.10 with a CUDA build of torch, and this repository installed
+# (`pip install -e .`, which brings deepspeed 0.19.x, timm, webdataset, accelerate, transformers). A node without
+# internet access needs those wheels copied in first: on a machine with access run
+#   pip download --no-deps -d wheels 'deepspeed==0.19.8' hjson webdataset braceexpand pydantic pydantic-core \
+#       annotated-types typing-inspection typing-extensions timm safetensors
+# copy wheels/ over and run `pip install --no-index --no-deps wheels/*.whl`, then run this script with PYTHONPATH
+# set to the repository root (or after `pip install --no-deps -e .`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-${OUT:-/tmp/gpu_check}}

@@ -67,10 +67,16 @@ def last_wins(cmd: list[str]) -> list[str]:
     return [arg for i, arg in enumerate(cmd) if not OVERRIDE.match(arg) or last[arg.split("=", 1)[0]] == i]
 
 
-def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    """Run a command from the repo root; on failure show its output's tail."""
+def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; on failure show its output's tail. The timeout is generous: a busy
+    machine (or DeepSpeed's one-off op build) can make a 30 s run take minutes, and that is not a failure of ours."""
     cmd = last_wins(cmd)
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace")[-4000:]
+        pytest.fail(f"`{' '.join(cmd)}` did not finish in {timeout} s. Is the machine overloaded, or is DeepSpeed "
+                    f"building its CPU op (see its output)? Last output:\n{out}", pytrace=False)
     proc.tail = (proc.stdout + proc.stderr)[-6000:]
     return proc
 

@@ -135,3 +135,10 @@ def test_help_lists_every_preset_without_importing_deepspeed():
         assert name in proc.stdout
     assert proc.stdout.count("all stages and teacher swaps in one run") == 1
     assert "--preset vit_h \\\n        data.shards=" in proc.stdout
+
+
+def test_a_batch_that_does_not_divide_lists_micro_batches_that_work():
+    with pytest.raises(ConfigError, match=r"Set optim.micro_batch to one of \[.*16, 32, 64\]"):
+        load_config(overrides=BASE + ["optim.global_batch=64", "optim.micro_batch=24"])
+    with pytest.raises(ConfigError, match=r"one of \[.*4, 8, 16\]"):
+        grad_accum_steps(load_config(overrides=BASE + ["optim.global_batch=64", "optim.micro_batch=32"]), 4)
