@@ -126,6 +126,8 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     stop_after_steps: int = 0          # >0: stop cleanly after this many global steps (for tests / time slots)
+    collective_timeout_s: float = 900.0  # a collective waiting this long for a rank that died or hangs fails,
+                                       # naming the rank (covers slow checkpoint writes and start-up counting)
     keep_saved_plan: bool = False      # resume: continue with the checkpoint's stage plan (in steps) even though
                                        # this run's dataset size or loader geometry would give another one
 
@@ -350,6 +352,8 @@ def validate(cfg: Config) -> None:
     grad_accum_steps(cfg, 1)          # global a multiple of micro; the error lists micro-batch sizes that work
     if o.max_skipped_in_row < 0 or not 0.0 <= o.max_skipped_frac <= 1.0:
         raise ConfigError("optim.max_skipped_in_row must be >= 0 and optim.max_skipped_frac in [0, 1] (0 disables each)")
+    if cfg.run.collective_timeout_s < 10:
+        raise ConfigError("run.collective_timeout_s must be >= 10 seconds")
     if cfg.run.log_every <= 0 or cfg.run.save_every <= 0:
         raise ConfigError("run.log_every and run.save_every must be > 0")
 

@@ -7,9 +7,11 @@ import contextlib
 import glob
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 
 def _free_port() -> int:
@@ -23,12 +25,13 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, world_size, device).
 
     A plain `python` process has no RANK/WORLD_SIZE/MASTER_*: without them DeepSpeed falls back to MPI
     discovery and fails, so a world of one is declared here. Rank and world size always come from
-    torch.distributed (accelerate's state can report 1 process under its DeepSpeed plugin on CPU)."""
+    torch.distributed (accelerate's state can report 1 process under its DeepSpeed plugin on CPU). Every
+    collective fails after `timeout_s` seconds instead of waiting forever for a rank that hangs."""
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -39,7 +42,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    backend, timeout = ("nccl" if cuda else "gloo"), timedelta(seconds=timeout_s)
+    # DeepSpeed builds its ZeRO data-parallel groups with dist.new_group(), which takes torch's module default
+    # timeout (30 min gloo, 10 min NCCL), not the world group's: set the default itself, so every group honours it.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    if not dist.is_initialized():
+        # Created here, not by DeepSpeed: on its CPU accelerator DeepSpeed 0.19.8 builds the gloo group without
+        # the timeout it is given.
+        dist.init_process_group(backend=backend, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if not cuda:
         atexit.register(_unlink_cpu_shm_buffers, dist.get_rank())

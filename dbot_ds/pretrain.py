@@ -14,6 +14,7 @@ Nothing here imports DeepSpeed until the config is valid: --help and config erro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,8 +44,14 @@ def main(argv: list[str] | None = None) -> Path:
                           "--preset vit_b (or --config FILE) and data.shards='/data/in1k/shard-{000000..001281}.tar'")
     cfg = load_config(path=args.config, preset=args.preset, overrides=args.overrides)
     from .trainer import Trainer           # imports DeepSpeed: only after the config is known to be valid
-    trainer = Trainer(cfg, resume=args.resume)
-    run_dir = trainer.fit()
+    from .watchdog import Heartbeat, is_comm_failure
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        run_dir = trainer.fit()
+    except Exception as e:
+        if is_comm_failure(e) and Heartbeat.current is not None:
+            raise Heartbeat.current.lost(e) from e
+        raise
     if trainer.rank == 0:
         print(f"[dbot] done: step {trainer.step}/{trainer.plan.total_steps}; run folder: {run_dir.resolve()}", flush=True)
     from .distributed import cleanup
@@ -55,6 +62,7 @@ def main(argv: list[str] | None = None) -> Path:
 def cli(argv: list[str] | None = None) -> int:
     from .guards import TrainingDiverged
     from .storage import StorageError
+    from .watchdog import LostRank
     try:
         main(argv)
     except ConfigError as e:
@@ -66,6 +74,9 @@ def cli(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"dbot-pretrain: {e}", file=sys.stderr)
         return 3
+    except LostRank as e:
+        print(f"dbot-pretrain: {e}", file=sys.stderr)
+        os._exit(4)           # a clean exit would wait in torch.distributed's teardown for the lost rank
     return 0
 
 

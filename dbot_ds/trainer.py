@@ -28,6 +28,7 @@ from .metrics import MetricsLogger
 from .models import build_student
 from .objective import dbot_loss
 from .stages import StagePlan, make_plan
+from .watchdog import Heartbeat
 from .storage import StorageError, explain, folder_bytes, probe_writable, raise_together
 from .teacher import Teacher
 from .teacher_sources import external_teacher
@@ -81,7 +82,8 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto"):
         self.cfg = cfg
         grad_accum_steps(cfg, world_size_from_env())       # batch arithmetic error before anything is built
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(cfg.run.collective_timeout_s)
+        self.heartbeat = Heartbeat(self.rank, self.world, interval_s=min(10.0, cfg.run.collective_timeout_s / 4))
         self.accum = grad_accum_steps(cfg, self.world)
         self.dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float32
         self.run_dir = Path(cfg.run.out_dir)
@@ -173,6 +175,7 @@ class Trainer:
         while self.step < plan.total_steps:
             self._train_step()
             self.step += 1
+            self.heartbeat.step = self.step
             self.samples_seen += cfg.optim.global_batch
             self.metrics.step()
             stage_end = plan.is_stage_end(self.step)
