@@ -4,6 +4,9 @@ Layout of `<run>/checkpoints/`:
   step00001200/            DeepSpeed files (model/optimizer shards), teacher.pt, COMPLETE (written last)
   latest                   the tag of the newest complete checkpoint (atomic rename; written after COMPLETE)
 A crash mid-save leaves a tag folder without COMPLETE; `find_resume_tag` never picks it.
+
+COMPLETE also lists every file's size and SHA-256 (`files`). Nothing of a tag reaches DeepSpeed before
+`verify` has checked those and read every file with torch's weights-only unpickler (see ckpt_safety.py).
 """
 from __future__ import annotations
 
@@ -11,12 +14,15 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .ckpt_safety import (CheckpointRefused, HashingWriter, check_share, load_teacher_file, no_record_warning,
+                          record_files, refusal)
 from .distributed import barrier
 
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -36,24 +42,58 @@ def save(engine, teacher, ckpt_dir: Path, step: int, state: dict, stage_end: boo
     """Save on all ranks (a collective); returns the tag. `state` is the trainer's client state (stage, step,
     samples seen, data seed, config). `latest` moves only once every piece is on disk."""
     tag = tag_for(step)
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"dbot": state}, save_latest=False)
     # A teacher from other weights never changes: it is reloaded from teacher.weights, not stored each time.
     bootstrapped = teacher.cfg.teacher.source == "bootstrap"
     teacher_state = teacher.full_state() if bootstrapped else None     # collective under the zero3 placement
+    hashed = {}
     if rank == 0 and bootstrapped:
-        tmp = ckpt_dir / tag / "teacher.pt.tmp"
-        torch.save({"depth": teacher.depth, "state": teacher_state}, tmp)
-        os.replace(tmp, ckpt_dir / tag / "teacher.pt")
+        blob = {"depth": teacher.depth, "state": teacher_state}
+        hashed["teacher.pt"] = _save_hashed(blob, ckpt_dir / tag / "teacher.pt")
     barrier()                                     # every rank's DeepSpeed shards are written
+    files = _record_together(ckpt_dir / tag, rank, world, hashed)
     if rank == 0:
         meta = {"step": step, "stage": state["stage"], "stage_end": stage_end, "time": time.time(),
-                "client_state": state}
+                "client_state": state, "files": files}
         _atomic_write(ckpt_dir / tag / "COMPLETE", json.dumps(meta))
         _atomic_write(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep_last)
     barrier()
     return tag
+
+
+def _save_hashed(obj, path: Path) -> dict:
+    """torch.save through a hashing writer (no second read of the file); returns its COMPLETE entry."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        writer = HashingWriter(f)
+        torch.save(obj, writer)
+    os.replace(tmp, path)
+    return writer.record()
+
+
+def _gather(obj) -> list:
+    """Every rank's `obj` (a world of one without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _record_together(tag_dir: Path, rank: int, world: int, hashed: dict) -> dict[str, dict]:
+    """Collective: each rank hashes the files it wrote (its optimizer shard is still in its page cache; rank 0
+    the model states), and all records are merged. A rank that cannot read fails every rank, none hangs."""
+    try:
+        mine, error = record_files(tag_dir, rank, world, known=hashed), None
+    except OSError as e:
+        mine, error = {}, e
+    gathered = _gather((mine, str(error) if error else None))
+    errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(gathered) if e]
+    if errors:
+        raise error or OSError(f"hashing {tag_dir} failed on {'; '.join(errors)}")
+    return dict(sorted(kv for files, _ in gathered for kv in files.items()))
 
 
 def complete_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
@@ -88,16 +128,38 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
             periodic.append(tag)
     for tag in periodic[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / (tag + ".universal"), ignore_errors=True)   # its cached copy (reshard.py)
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict]:
-    """Restore the engine (weights, optimizer) from `tag`; returns (client_state, teacher {'depth', 'state'})."""
+_VERIFIED: set[Path] = set()      # tag folders this process has verified (so load() need not do it twice)
+
+
+def verify(ckpt_dir: Path, tag: str, trust: bool = False) -> None:
+    """Collective, before anything of the tag is unpickled: every file has its recorded size and SHA-256 and
+    (unless `trust`) passes the weights-only scan. Each rank checks the files it owns (ckpt_safety.owner) in a
+    thread pool; the verdicts are gathered, so every rank raises the same CheckpointRefused or none does."""
+    tag_dir = ckpt_dir / tag
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    files = read_meta(ckpt_dir, tag).get("files")
+    if files is None and rank == 0:
+        print(no_record_warning(tag_dir), file=sys.stderr, flush=True)
+    problems = sorted(p for share in _gather(check_share(tag_dir, files, rank, world, scan=not trust)) for p in share)
+    if problems:
+        raise CheckpointRefused(refusal(tag_dir, problems))
+    _VERIFIED.add(tag_dir.resolve())
+
+
+def load(engine, ckpt_dir: Path, tag: str, trust: bool = False) -> tuple[dict, dict]:
+    """Restore the engine (weights, optimizer) from `tag`; returns (client_state, teacher {'depth', 'state'}).
+    The tag is verified first unless this process already did (the trainer does, before building the engine)."""
+    if (ckpt_dir / tag).resolve() not in _VERIFIED:
+        verify(ckpt_dir, tag, trust)
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     path = ckpt_dir / tag / "teacher.pt"
-    teacher = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    teacher = load_teacher_file(path, trust) if path.exists() else None
     return client, teacher
 
 

@@ -64,7 +64,8 @@ class TeacherConfig:
                                        # hf_clip (transformers CLIP vision tower folder): see teacher_sources.py
     weights: str = ""                  # vit: .safetensors/.pth file; hf_clip: save_pretrained folder
     arch: str = ""                     # vit: expected architecture (checked against the weights); "": inferred
-    num_heads: int = 0                 # vit: attention heads; 0: from teacher.arch, else width / 64
+    num_heads: int = 0                 # vit: attention heads; 0: from the checkpoint's metadata or teacher.arch, else
+                                       # from a width with one known head count; other widths must set it
     layer: int = -1                    # hf_clip: hidden state used as target; -1: the last
     init_depth: int = 0                # stage-0 teacher depth (reference: 12 for ViT-B, 0 for L/H)
     final_norm: bool = False           # reference default tlayernorm=0: targets are pre-norm features
@@ -108,6 +109,7 @@ class DataConfig:
     manifest: str = ""                 # manifest.json for remote shards (pipe:, http); local ones use their own
     shuffle_buffer: int = 1000
     synthetic_num: int = 0             # >0: generate this many synthetic images into `shards`' folder if missing
+    stall_timeout_s: float = 30.0      # a remote shard (http, pipe:) that sends no byte this long fails (skipped)
 
 
 @dataclass

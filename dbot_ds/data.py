@@ -10,6 +10,7 @@ Batches leave the workers as uint8 ``[B, 3, H, W]`` (4x less host->device traffi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import itertools
@@ -17,9 +18,12 @@ import json
 import logging
 import os
 import random
+import select
+import signal
+import subprocess
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -28,6 +32,9 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset import utils as wds_utils
+from webdataset.gopen import Pipe, gopen, rewrite_url
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from torchvision.transforms import v2
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,11 @@ _WARN_EVERY_S = 10.0
 # If this many samples/shards in a row fail, the data is broken rather than noisy: fail loudly instead of
 # spinning forever on an endless stream that never yields a batch.
 _MAX_CONSECUTIVE_SKIPS = 1000
+# A remote shard (http, pipe:, ...) that sends no byte for `stall_timeout_s` is a failed shard. Each stall costs
+# that long, so a few in a row (with no readable image between them) mean the source is down: fail the run after
+# _MAX_CONSECUTIVE_STALLS x stall_timeout_s instead of after 1000 of them.
+DEFAULT_STALL_TIMEOUT_S = 30.0
+_MAX_CONSECUTIVE_STALLS = 3
 
 
 # ----------------------------------------------------------------------------------------------- shards
@@ -210,6 +222,7 @@ class _BrokenData(RuntimeError):
 
 _skipped = 0
 _consecutive_skips = 0
+_consecutive_stalls = 0
 _last_warning = 0.0
 
 
@@ -218,7 +231,7 @@ def skipped_samples() -> int:
     return _skipped
 
 
-def _skip(reason: str) -> None:
+def _skip(reason: str, warn: bool = True) -> None:
     """Count a skipped sample and warn at most once every ``_WARN_EVERY_S`` seconds per process."""
     global _skipped, _consecutive_skips, _last_warning
     _skipped += 1
@@ -227,7 +240,7 @@ def _skip(reason: str) -> None:
         raise _BrokenData(f"{_consecutive_skips} samples in a row could not be read (last: {reason}); "
                            "the shards look broken.")
     now = time.monotonic()
-    if now - _last_warning >= _WARN_EVERY_S:
+    if warn and now - _last_warning >= _WARN_EVERY_S:
         _last_warning = now
         log.warning("skipping unreadable sample (%d skipped so far in pid %d): %s", _skipped, os.getpid(), reason)
 
@@ -238,26 +251,150 @@ def _skip_handler(exn: Exception) -> bool:
     return True
 
 
+def _stalled(reason: str, count: bool) -> None:
+    """A shard stopped sending. Each stall cost the whole stall limit, so each is warned (no rate limit) and the
+    shard counts as one skip; `_MAX_CONSECUTIVE_STALLS` in a row with no readable image between them mean the
+    source is down. Padding passes (count=False) still count towards that limit, or they could wait for
+    readers x shards stalls."""
+    global _consecutive_stalls
+    _consecutive_stalls += 1
+    log.warning("shard stalled and skipped (%d in a row, pid %d): %s", _consecutive_stalls, os.getpid(), reason)
+    if count:
+        _skip(reason, warn=False)
+    if _consecutive_stalls >= _MAX_CONSECUTIVE_STALLS:
+        raise _BrokenData(f"{_consecutive_stalls} shards in a row stalled (last: {reason})")
+
+
+# --------------------------------------------------------------------------------------- remote streams
+
+class ShardStalled(TimeoutError):
+    """A remote shard sent no byte within the stall limit; its reader process was killed."""
+
+
+class _StallLimitedPipe:
+    """The stdout of a shard's reader process (curl for http(s), the shell of a `pipe:` command, ...) with a stall
+    limit: `read` raises :class:`ShardStalled`, after killing the process, when no byte arrives for `stall_s`
+    seconds. Only time spent waiting inside `read` counts, so a slow consumer never looks like a stalled server.
+    Reads are short (at most `size` bytes of what has arrived), which tarfile's stream reader expects."""
+
+    _CHUNK = 1 << 20    # bytes per os.read: tarfile asks for 10 KiB at a time; a poll per 10 KiB costs 40% speed
+
+    def __init__(self, url: str, proc: subprocess.Popen, ok_status: Iterable[int], own_group: bool, stall_s: float,
+                 pipe: Pipe | None = None):
+        self.url, self.proc, self.ok_status = url, proc, set(ok_status)
+        self.own_group, self.stall_s = own_group, stall_s
+        # gopen's own wrapper, if it started the process: held so that its __del__, which closes the pipe and
+        # then waits up to 2 h for the process, runs only after `close` has killed and reaped it.
+        self.pipe = pipe
+        self.fd = proc.stdout.fileno()
+        self.poller = select.poll()
+        self.poller.register(self.fd, select.POLLIN)
+        self.eof = False
+        self.buf, self.pos = b"", 0       # bytes read from the pipe and not yet returned: buf[pos:]
+
+    def __repr__(self) -> str:           # webdataset puts the stream into its error messages
+        return f"<shard stream {self.url}>"
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(functools.partial(self.read, 1 << 20), b""))
+        if self.pos == len(self.buf):
+            if self.eof or size == 0:
+                return b""
+            if not self.poller.poll(self.stall_s * 1000):
+                self._stall("sent no bytes")
+            self.buf, self.pos = os.read(self.fd, self._CHUNK), 0   # raw fd: a buffered read would wait, unwatched
+            if not self.buf:
+                self._end()
+                return b""
+        out = self.buf[self.pos:self.pos + size]
+        self.pos += len(out)
+        return out
+
+    def _stall(self, what: str) -> None:
+        self.close()
+        raise ShardStalled(f"{self.url} {what} for {self.stall_s:g} s (data.stall_timeout_s); its reader was killed")
+
+    def _end(self) -> None:
+        """End of output: the process must exit soon, with a good status (curl -f reports HTTP errors as 22)."""
+        self.eof = True
+        try:
+            status = self.proc.wait(timeout=self.stall_s)
+        except subprocess.TimeoutExpired:
+            self._stall("closed its output but did not exit")
+        if status not in self.ok_status:
+            raise OSError(f"{self.url}: reader exited with status {status}")
+
+    def close(self) -> None:
+        """Kill the reader unless it has exited (for `pipe:`, every process of the command), and reap it."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                if self.own_group:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                else:
+                    self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+
+
+def _open_remote(url: str, stall_s: float):
+    """A non-local shard opened as webdataset's gopen opens it, but read with a stall limit.
+
+    A `pipe:` command starts in a session of its own, so that a stall kills the whole command (the shell and the
+    `aws`/`curl`/... it started), not only the shell. Every other scheme webdataset knows (http(s) and sftp via
+    curl, gs, ais, hf, ...) runs one reader process, which gopen starts; that process is watched and killed."""
+    url = rewrite_url(url)
+    if url.startswith("pipe:"):
+        if wds_utils.enforce_security:
+            raise ValueError("pipe: urls are disabled (WDS_SECURE is set)")
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        return _StallLimitedPipe(url, proc, (0, 141), True, stall_s)   # 141: the shell's SIGPIPE status
+    stream = gopen(url, "rb")
+    if isinstance(stream, Pipe):
+        return _StallLimitedPipe(url, stream.proc, stream.ignore_status, False, stall_s, pipe=stream)
+    return stream                        # a user-registered gopen handler's own stream object: read as it is
+
+
 # ------------------------------------------------------------------------------- reading and decoding
 
-def _raw_samples(url: str, start: int = 0, stop: int | None = None, count: bool = True) -> Iterator[dict]:
+def _raw_samples(url: str, start: int = 0, stop: int | None = None, count: bool = True,
+                 stall_s: float = DEFAULT_STALL_TIMEOUT_S) -> Iterator[dict]:
     """Samples [start, stop) of one shard (local, pipe:, http ...). A shard that cannot be opened or read is
     skipped through the handler; one that yields nothing counts as one skip too (else a reader could spin
-    forever on empty shards)."""
+    forever on empty shards). A remote one that sends nothing for `stall_s` seconds ends there, as one skip."""
     errors = 0
 
     def handler(exn: Exception) -> bool:
         nonlocal errors
+        if isinstance(exn, ShardStalled):
+            raise exn        # out through every webdataset layer (each would call the handler), counted once below
         errors += 1
         return _skip_handler(exn) if count else True
 
+    stream = None
+    if _local_path(url) is None:         # local files keep webdataset's plain open: no process, nothing to watch
+        try:
+            stream = _open_remote(url, stall_s)
+        except Exception as exn:  # noqa: BLE001 - as webdataset's url_opener: an unopenable shard is skipped
+            handler(exn)
+            return
+        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler), handler=handler)
+    else:
+        samples = wds.tarfile_to_samples(handler=handler)([{"url": url}])
     n = 0
-    for i, sample in enumerate(wds.tarfile_to_samples(handler=handler)([{"url": url}])):
-        if stop is not None and i >= stop:
-            break
-        if i >= start:
-            n += 1
-            yield sample
+    try:
+        for i, sample in enumerate(samples):
+            if stop is not None and i >= stop:
+                break
+            if i >= start:
+                n += 1
+                yield sample
+    except ShardStalled as exn:
+        _stalled(exn.args[0], count)     # args[0]: our message; webdataset appends the stream and url to args
+        return
+    finally:                             # also when the consumer stops early: no reader process outlives its shard
+        if stream is not None and hasattr(stream, "close"):
+            stream.close()
     if n == 0 and errors == 0 and count:
         _skip(f"shard {url} gave no samples in [{start}, {stop})")
 
@@ -303,7 +440,7 @@ class _Decoder:
         return None if key is None else sample[key]
 
     def __call__(self, sample: dict, seed: int, count: bool = True, validate_only: bool = False):
-        global _consecutive_skips
+        global _consecutive_skips, _consecutive_stalls
         data = self.image_bytes(sample, count)
         if data is None:
             return None
@@ -313,7 +450,7 @@ class _Decoder:
             if count:
                 _skip(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: {exn!r}"[:300])
             return None
-        _consecutive_skips = 0
+        _consecutive_skips = _consecutive_stalls = 0
         if validate_only:
             return True
         # Crop and resize run on the uint8 tensor (torch's antialiased bicubic kernel: ~4x faster than PIL's
@@ -335,13 +472,14 @@ def _shuffled(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict
 
 # ----------------------------------------------------------------------------------------- the readers
 
-def _resampled_images(shards: list[str], decode: _Decoder, *, seed: int, reader: int, shuffle_buffer: int):
+def _resampled_images(shards: list[str], decode: _Decoder, *, seed: int, reader: int, shuffle_buffer: int,
+                      stall_s: float = DEFAULT_STALL_TIMEOUT_S):
     """Endless images: shards drawn with replacement by a per-reader RNG, samples shuffled in a buffer."""
     rng = random.Random(mix_seed(seed, reader, _SHARD_STREAM))
 
     def raw() -> Iterator[dict]:
         while True:
-            yield from _raw_samples(rng.choice(shards))
+            yield from _raw_samples(rng.choice(shards), stall_s=stall_s)
 
     index = 0
     for sample in _shuffled(raw(), shuffle_buffer, mix_seed(seed, reader, _SHUFFLE_STREAM)):
@@ -352,7 +490,8 @@ def _resampled_images(shards: list[str], decode: _Decoder, *, seed: int, reader:
 
 
 def _epoch_images(shards: list[str], counts: list[int], decode: _Decoder, *, seed: int, epoch: int, reader: int,
-                  readers: int, per_reader: int, skip: int, shuffle_buffer: int) -> Iterator[torch.Tensor]:
+                  readers: int, per_reader: int, skip: int, shuffle_buffer: int,
+                  stall_s: float = DEFAULT_STALL_TIMEOUT_S) -> Iterator[torch.Tensor]:
     """Exactly `per_reader` images of one epoch for one reader, the first `skip` only validated (resume).
 
     Pass 1 reads the reader's own slice (shuffled); corrupt samples are counted once here. Later passes pad up
@@ -378,7 +517,7 @@ def _epoch_images(shards: list[str], counts: list[int], decode: _Decoder, *, see
 
     def slice_samples(r: int, count: bool) -> Iterator[dict]:
         for i, a, b in reader_ranges(ordered_counts, r, readers):
-            yield from _raw_samples(shards[order[i]], a, b, count=count)
+            yield from _raw_samples(shards[order[i]], a, b, count=count, stall_s=stall_s)
 
     yield from emit(_shuffled(slice_samples(reader, True), shuffle_buffer, mix_seed(seed, epoch, reader)), True)
     for attempt in range(readers):          # padding passes: own slice first, then the next slices
@@ -398,10 +537,10 @@ class _Stream(torch.utils.data.IterableDataset):
 
     def __init__(self, pattern: str, shards: list[str], counts: list[int] | None, *, img_size: int, micro_batch: int,
                  seed: int, rank: int, world_size: int, shuffle_buffer: int, crop_scale: tuple[float, float],
-                 start_batch: int):
+                 start_batch: int, stall_s: float):
         self.pattern, self.shards, self.counts = pattern, shards, counts
         self.micro_batch, self.seed, self.rank, self.world_size = micro_batch, seed, rank, world_size
-        self.shuffle_buffer, self.start_batch = shuffle_buffer, start_batch
+        self.shuffle_buffer, self.start_batch, self.stall_s = shuffle_buffer, start_batch, stall_s
         self.decode = _Decoder(img_size, tuple(crop_scale))
 
     def images(self) -> Iterator[torch.Tensor]:
@@ -413,7 +552,7 @@ class _Stream(torch.utils.data.IterableDataset):
         reader = self.rank * workers + worker
         if self.counts is None:
             yield from _resampled_images(self.shards, self.decode, seed=self.seed, reader=reader,
-                                         shuffle_buffer=self.shuffle_buffer)
+                                         shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s)
             return
         readers, per_reader = epoch_geometry(sum(self.counts), self.world_size, workers, self.micro_batch)
         done = self.start_batch // workers + (1 if worker < self.start_batch % workers else 0)
@@ -421,7 +560,7 @@ class _Stream(torch.utils.data.IterableDataset):
         for e in itertools.count(epoch):
             yield from _epoch_images(self.shards, self.counts, self.decode, seed=self.seed, epoch=e, reader=reader,
                                      readers=readers, per_reader=per_reader, skip=skip,
-                                     shuffle_buffer=self.shuffle_buffer)
+                                     shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s)
             skip = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
@@ -453,7 +592,8 @@ def _with_skip_counts(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.T
 def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_workers: int, seed: int,
                        rank: int, world_size: int, resampled: bool = True, shuffle_buffer: int = 1000,
                        crop_scale: tuple[float, float] = (0.2, 1.0), start_batch: int = 0,
-                       manifest: str | None = None) -> torch.utils.data.DataLoader:
+                       manifest: str | None = None,
+                       stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> torch.utils.data.DataLoader:
     """INFINITE iterable of (uint8 image batch [micro_batch, 3, img_size, img_size] (CPU, pinned if CUDA),
     samples skipped as unreadable since the producing worker's previous batch).
 
@@ -461,7 +601,12 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
     by building a new stream with a new seed. resampled=False: epochs of exact coverage (see
     `epoch_geometry`), shard order seeded by (seed, epoch); `start_batch` = micro-batches this rank already
     consumed, so a resumed stream continues exactly where the old one stopped.
+
+    stall_timeout_s: a remote shard (http(s), `pipe:`, ...) that sends no byte for this many seconds is skipped
+    as failed; `_MAX_CONSECUTIVE_STALLS` stalled shards in a row fail the stream with an error naming `pattern`.
     """
+    if not stall_timeout_s > 0:
+        raise ValueError(f"data.stall_timeout_s must be > 0 seconds, got {stall_timeout_s}")
     shards = expand_shards(pattern)
     counts = None
     if not resampled:
@@ -474,7 +619,7 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
                 "use fewer data workers (data.num_workers), or set data.resampled=true.")
     stream = _Stream(pattern, shards, counts, img_size=img_size, micro_batch=micro_batch, seed=seed, rank=rank,
                      world_size=world_size, shuffle_buffer=shuffle_buffer, crop_scale=crop_scale,
-                     start_batch=start_batch)
+                     start_batch=start_batch, stall_s=stall_timeout_s)
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,  # batched inside the workers

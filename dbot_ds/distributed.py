@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -50,6 +51,8 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
         # Created here, not by DeepSpeed: on its CPU accelerator DeepSpeed 0.19.8 builds the gloo group without
         # the timeout it is given.
         dist.init_process_group(backend=backend, timeout=timeout)
+    if not cuda and local_rank == 0:
+        _remove_stale_cpu_shm_buffers()          # before DeepSpeed creates this launch's own
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if not cuda:
@@ -64,6 +67,38 @@ def _unlink_cpu_shm_buffers(rank: int) -> None:
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def _remove_stale_cpu_shm_buffers(min_age_s: float = 1.0) -> None:
+    """A rank killed by SIGKILL (OOM killer, scheduler, node agent) never runs its atexit, so its buffer stays,
+    and every relaunch adds 2 x 70 MB under a new MASTER_PORT. Remove this user's buffers that no live process
+    holds: DeepSpeed keeps each one's fd open (and mapped) for the life of the process, so an unheld one is stale.
+    Listed before /proc is scanned, so a buffer created meanwhile is never a candidate; min_age_s covers the
+    instant inside shm_open between the file's creation and its fd. Processes in another PID namespace that
+    share this /dev/shm are invisible here: run such jobs with their own /dev/shm."""
+    candidates = [p for p in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*")
+                  if _age_s(p) >= min_age_s]
+    if not candidates:
+        return
+    held = set()
+    for proc in glob.glob("/proc/[0-9]*"):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"{proc}/fd"):
+                with contextlib.suppress(OSError):
+                    held.add(os.readlink(f"{proc}/fd/{fd}"))
+        with contextlib.suppress(OSError), open(f"{proc}/maps") as maps:
+            held.update(line.split(None, 5)[5].strip() for line in maps if "deepspeed_allreduce_buffer_" in line)
+    for path in candidates:
+        if path not in held:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _age_s(path: str) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return -1.0
 
 
 def cleanup() -> None:

@@ -86,9 +86,13 @@ def build_optimizer(model: nn.Module, cfg: Config, ds_config: dict, device: torc
     return torch.optim.AdamW(groups, lr=0.0, betas=(o.beta1, o.beta2), fused=device.type == "cuda")
 
 
-def init_student_engine(student: nn.Module, cfg: Config, world_size: int, device: torch.device):
-    """Wrap the student in a DeepSpeed engine; returns (engine, ds_config)."""
+def init_student_engine(student: nn.Module, cfg: Config, world_size: int, device: torch.device,
+                        load_universal: bool = False):
+    """Wrap the student in a DeepSpeed engine; returns (engine, ds_config). `load_universal`: the engine will
+    load a universal checkpoint (another world size or ZeRO stage wrote it, see reshard.py)."""
     ds_config = build_ds_config(cfg, world_size)
+    if load_universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     optimizer = build_optimizer(student, cfg, ds_config, device)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=copy.deepcopy(ds_config))
     return engine, ds_config

@@ -21,6 +21,10 @@ How the weights are read:
 A stage-end checkpoint of an intermediate stage is taken after the swap: its student is freshly re-initialised
 and its teacher is the stage's trained student. Exporting its student is refused; use `--which teacher`.
 
+Before either is read, the whole tag folder is verified (`ckpt_safety.verify_tag`): every file must have the
+size and SHA-256 recorded at save, and pass torch's weights-only unpickler with only DeepSpeed's own globals, since
+`zero_to_fp32` unpickles the DeepSpeed files in full. `--trust-checkpoint` skips that scan for files you trust.
+
 Only this module's `_consolidate_student` imports DeepSpeed; loading an export needs only torch, timm and
 safetensors (no pickle).
 """
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 
 from .checkpoint import TAG_RE, complete_tags
+from .ckpt_safety import CheckpointRefused, load_teacher_file, verify_tag
 from .config import ModelConfig
 from .models import Encoder, sincos_pos_embed_2d
 
@@ -185,12 +190,23 @@ def student_encoder_state(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     return out
 
 
-def teacher_state(ref: CheckpointRef) -> tuple[int, dict[str, torch.Tensor]]:
-    """(depth, fp32 weights) of `teacher.pt`."""
+def verify(ref: CheckpointRef, trust: bool = False) -> None:
+    """Sizes, SHA-256 and (unless `trust`) the pickle scan of every file of the tag, before zero_to_fp32 runs."""
+    try:
+        verify_tag(ref.path, trust)
+    except CheckpointRefused as e:
+        raise ExportError(str(e)) from None
+
+
+def teacher_state(ref: CheckpointRef, trust: bool = False) -> tuple[int, dict[str, torch.Tensor]]:
+    """(depth, fp32 weights) of `teacher.pt` (weights-only unless `trust`)."""
     f = ref.path / "teacher.pt"
     if not f.exists():
         raise ExportError(f"{f} is missing")
-    blob = torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        blob = load_teacher_file(f, trust)
+    except CheckpointRefused as e:
+        raise ExportError(str(e)) from None
     return int(blob["depth"]), {k: v.float().contiguous() for k, v in blob["state"].items()}
 
 
@@ -269,21 +285,40 @@ def timm_spec(mcfg: ModelConfig, state: dict[str, torch.Tensor], depth: int, fin
 # Export
 
 
+def _model_name(timm_arch: str, mcfg: ModelConfig, depth: int) -> str:
+    """An honest name: timm's named model, or a custom shape built through timm's generic entry point (whose
+    name, vit_base_patch16_224, says nothing about the shape)."""
+    if timm_arch != GENERIC_TIMM_ARCH or (mcfg.arch == "vit_base_patch16" and mcfg.img_size == 224):
+        return timm_arch
+    return (f"custom ViT: width {mcfg.embed_dim}, depth {depth}, {mcfg.num_heads} heads, patch {mcfg.patch_size}, "
+            f"{mcfg.img_size} px (timm's generic {GENERIC_TIMM_ARCH} entry point with timm_kwargs)")
+
+
+def _umask_mode() -> int:
+    """The mode a new file gets from the user's umask (safetensors writes 0600 whatever the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_export(out: Path, name: str, state: dict[str, torch.Tensor], info: dict) -> list[Path]:
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
     st, js = out / f"{name}.safetensors", out / f"{name}.json"
     tmp = out / f".{name}.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"format": "pt", "timm_arch": info["timm_arch"], "step": str(info["step"])})
+              metadata={"format": "pt", "timm_arch": info["timm_arch"], "model_name": info["model_name"],
+                        "step": str(info["step"])})
     os.replace(tmp, st)
     tmp = out / f".{name}.json.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, js)
+    for f in (st, js):
+        os.chmod(f, _umask_mode())
     return [st, js]
 
 
-def _prepare(ref: CheckpointRef, which: str) -> tuple[dict[str, torch.Tensor], dict]:
+def _prepare(ref: CheckpointRef, which: str, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(timm state dict, json record) of one encoder of the checkpoint; raises ExportError if not exportable."""
     mcfg = ref.model_cfg
     if which == "student":
@@ -297,7 +332,7 @@ def _prepare(ref: CheckpointRef, which: str) -> tuple[dict[str, torch.Tensor], d
         depth, final_norm, precision, source = mcfg.depth, True, "fp32 (DeepSpeed master weights)", ref.student_stage()
         _check_against_encoder(state, mcfg, depth, final_norm, "student encoder")
     else:
-        depth, state = teacher_state(ref)
+        depth, state = teacher_state(ref, trust)
         if depth == 0:
             raise ExportError(f"the teacher in {ref.path} has depth 0 (patch embedding + positions only, stage 0's "
                               "random teacher): it is not a ViT and cannot be exported as a timm model. Export "
@@ -315,6 +350,7 @@ def _prepare(ref: CheckpointRef, which: str) -> tuple[dict[str, torch.Tensor], d
         "format_version": FORMAT_VERSION,
         "timm_arch": timm_arch,
         "timm_kwargs": timm_kwargs,
+        "model_name": _model_name(timm_arch, mcfg, depth),
         "load": f"timm.create_model({timm_arch!r}, num_classes=0, **timm_kwargs).load_state_dict("
                 "safetensors.torch.load_file(...), strict=True)",
         "which": which,
@@ -327,7 +363,9 @@ def _prepare(ref: CheckpointRef, which: str) -> tuple[dict[str, torch.Tensor], d
                   + (", after the final LayerNorm" if final_norm else ", no final LayerNorm"),
         "weights": precision,
         "trained_in_stage": source,
-        "stage": ref.stage, "step": ref.step, "tag": ref.tag, "stage_end": bool(ref.meta.get("stage_end")),
+        # The checkpoint's position: stage == num_stages means the run had finished all its stages.
+        "stage": ref.stage, "run_finished": ref.stage >= ref.num_stages,
+        "step": ref.step, "tag": ref.tag, "stage_end": bool(ref.meta.get("stage_end")),
         "num_stages": ref.num_stages, "zero_stage": ref.client.get("zero_stage"),
         "world_size": ref.client.get("world_size"), "checkpoint": str(ref.path.resolve()),
         "config": ref.config,
@@ -336,9 +374,10 @@ def _prepare(ref: CheckpointRef, which: str) -> tuple[dict[str, torch.Tensor], d
 
 
 def export(path: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, which: str = "student",
-           also_teacher: bool = False, force: bool = False) -> list[Path]:
+           also_teacher: bool = False, force: bool = False, trust_checkpoint: bool = False) -> list[Path]:
     """Export one checkpoint's encoder (and optionally its teacher) to `out`; returns the written files.
-    Everything is read and checked before anything is written."""
+    Everything is read and checked before anything is written; the tag is verified before anything is read
+    (`trust_checkpoint` skips only the pickle scan)."""
     if which not in ("student", "teacher"):
         raise ExportError(f"--which must be 'student' or 'teacher', got {which!r}")
     ref = find_checkpoint(path, tag)
@@ -348,7 +387,8 @@ def export(path: str | os.PathLike, out: str | os.PathLike, tag: str | None = No
         existing = [out / f"{n}.{e}" for n, _ in jobs for e in ("safetensors", "json") if (out / f"{n}.{e}").exists()]
         if existing:
             raise ExportError(f"{', '.join(map(str, existing))} already exist; pass --force to overwrite")
-    prepared = [(name, *_prepare(ref, w)) for name, w in jobs]
+    verify(ref, trust_checkpoint)
+    prepared = [(name, *_prepare(ref, w, trust_checkpoint)) for name, w in jobs]
     written = []
     for name, state, info in prepared:
         written += _write_export(out, name, state, info)
@@ -423,10 +463,14 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--also-teacher", action="store_true",
                     help="also write the teacher as teacher.safetensors + teacher.json")
     ap.add_argument("--force", action="store_true", help="overwrite existing export files in --out")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="read checkpoint files that hold pickled objects beyond DeepSpeed's own (normally refused, "
+                         "as unpickling them can run code); only for files you trust. Sizes and SHA-256 are still "
+                         "checked")
     args = ap.parse_args(argv)
     try:
         files = export(args.path, args.out, tag=args.tag, which=args.which, also_teacher=args.also_teacher,
-                       force=args.force)
+                       force=args.force, trust_checkpoint=args.trust_checkpoint)
     except ExportError as e:
         print(f"dbot-export: error: {e}", file=sys.stderr)
         return 2

@@ -38,8 +38,8 @@ class MetricsLogger:
                  resumed: dict | None = None):
         self.enabled = rank == 0
         self.total_steps = total_steps
-        if self.enabled and resumed:
-            _truncate_after(run_dir / "metrics.jsonl", resumed["step"])
+        if self.enabled:     # a fresh start (step 0) drops the records of an attempt killed before any checkpoint
+            _truncate_after(run_dir / "metrics.jsonl", start_step)
         self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
         # A bar redrawn with \r is one endless line in a log file: plain lines there instead.
         self.lines = self.enabled and progress and not sys.stderr.isatty()

@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--config", help="a YAML config file (sections: model, teacher, schedule, optim, data, deepspeed, run)")
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint in run.out_dir, if any), none, or a checkpoint folder")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="resume from a checkpoint whose files hold pickled objects beyond DeepSpeed's own (normally "
+                        "refused, as unpickling them can run code); only for files you trust. Sizes and SHA-256 "
+                        "are still checked")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p.parse_args(argv)
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> Path:
     from .trainer import Trainer           # imports DeepSpeed: only after the config is known to be valid
     from .watchdog import Heartbeat, is_comm_failure
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
         run_dir = trainer.fit()
     except Exception as e:
         if is_comm_failure(e) and Heartbeat.current is not None:
@@ -63,8 +67,12 @@ def cli(argv: list[str] | None = None) -> int:
     from .guards import TrainingDiverged
     from .storage import StorageError
     from .watchdog import LostRank
+    from .ckpt_safety import CheckpointRefused
     try:
         main(argv)
+    except CheckpointRefused as e:        # a ConfigError, but not about the config
+        print(f"dbot-pretrain: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"dbot-pretrain: config error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .ckpt_safety import load_teacher_file
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
 from .data import build_train_loader, epoch_batches_per_rank, mix_seed, normalize
 from .dataset import Dataset, resolve_dataset
@@ -27,6 +28,7 @@ from .engine import build_ds_config, full_fp32_state, init_student_engine, reset
 from .metrics import MetricsLogger
 from .models import build_student
 from .objective import dbot_loss
+from .reshard import ensure_universal, load_universal
 from .stages import StagePlan, make_plan
 from .watchdog import Heartbeat
 from .storage import StorageError, explain, folder_bytes, probe_writable, raise_together
@@ -51,11 +53,19 @@ def check_resume(cfg: Config, meta: dict, world_size: int, zstage: int, tag: str
         lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
         raise ConfigError(f"checkpoint {tag} was written with a different config ({lines}). Restore those values, "
                           "or start a new run folder (run.out_dir=...) / pass --resume none after moving it away")
-    if saved["world_size"] != world_size or saved["zero_stage"] != zstage:
-        raise ConfigError(f"checkpoint {tag} was written by {saved['world_size']} ranks under ZeRO-{saved['zero_stage']}, "
-                          f"this run has {world_size} ranks under ZeRO-{zstage}: DeepSpeed's partitioned optimizer "
-                          "state only loads on the same layout (convert it with DeepSpeed's universal checkpoint tools)")
+    if saved["world_size"] != world_size and not cfg.data.resampled:
+        raise ConfigError(
+            f"checkpoint {tag} was written by {saved['world_size']} ranks, this run has {world_size}: the exact-epoch "
+            "stream (data.resampled=false) splits each epoch between the ranks' readers, and its position cannot "
+            "be carried to another reader count yet. Resume on the same world size (the ZeRO stage may change), "
+            "or finish the epoch there first")
     return _resume_plan(cfg, saved, tag, plan, dataset)
+
+
+def layout_changed(meta: dict, world_size: int, zstage: int) -> bool:
+    """True when the checkpoint's ZeRO shards were cut for another world size or ZeRO stage (see reshard.py)."""
+    saved = meta["client_state"]
+    return (saved["world_size"], saved["zero_stage"]) != (world_size, zstage)
 
 
 def _resume_plan(cfg: Config, saved: dict, tag: str, plan: StagePlan, dataset: Dataset) -> StagePlan:
@@ -79,8 +89,9 @@ def _resume_plan(cfg: Config, saved: dict, tag: str, plan: StagePlan, dataset: D
 class Trainer:
     """Owns the engine, the teacher, the data stream and the resumable state {step, samples_seen}."""
 
-    def __init__(self, cfg: Config, resume: str = "auto"):
+    def __init__(self, cfg: Config, resume: str = "auto", trust_checkpoint: bool = False):
         self.cfg = cfg
+        self.trust_checkpoint = trust_checkpoint      # skip the pickle scan of the resumed tag (ckpt_safety)
         grad_accum_steps(cfg, world_size_from_env())       # batch arithmetic error before anything is built
         self.rank, self.world, self.device = init_distributed(cfg.run.collective_timeout_s)
         self.heartbeat = Heartbeat(self.rank, self.world, interval_s=min(10.0, cfg.run.collective_timeout_s / 4))
@@ -101,6 +112,7 @@ class Trainer:
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from e
         self.zstage = zero_stage(build_ds_config(cfg, self.world))
+        self.universal_tag: str | None = None           # set when the checkpoint's layout differs from ours
         self.resume_dir, tag = self._resume_tag(resume)
         raise_together(self._dump_config() if self.rank == 0 else None)
         self._build(tag)
@@ -130,6 +142,9 @@ class Trainer:
                 return ckpt_dir, None
         self.plan = check_resume(self.cfg, ckpt.read_meta(ckpt_dir, tag), self.world, self.zstage, tag, self.plan,
                                  self.dataset)
+        ckpt.verify(ckpt_dir, tag, self.trust_checkpoint)   # hashes + pickle scan, before any engine exists
+        if layout_changed(ckpt.read_meta(ckpt_dir, tag), self.world, self.zstage):
+            self.universal_tag = ensure_universal(ckpt_dir, tag, self.rank)   # only after the checks above
         return ckpt_dir, tag
 
     def _build(self, tag: str | None) -> None:
@@ -141,7 +156,8 @@ class Trainer:
             external, self.teacher_dim = external_teacher(cfg)
         student = build_student(cfg.model, teacher_dim=self.teacher_dim, seed=mix_seed(cfg.run.seed, 0))
         initial_encoder = {k: v.detach().clone() for k, v in student.encoder.named_parameters()}
-        self.engine, self.ds_config = init_student_engine(student.to(self.device), cfg, self.world, self.device)
+        self.engine, self.ds_config = init_student_engine(student.to(self.device), cfg, self.world, self.device,
+                                                          load_universal=self.universal_tag is not None)
         self.engine.train()
         if external is not None:
             self.teacher.adopt(external)
@@ -149,8 +165,13 @@ class Trainer:
             self.teacher.rebuild(self.plan.teacher_depths[0], initial_encoder)
         if tag is None:
             return
-        client, teacher = ckpt.load(self.engine, self.resume_dir, tag)
-        state = client["dbot"]
+        if self.universal_tag is None:
+            client, teacher = ckpt.load(self.engine, self.resume_dir, tag, self.trust_checkpoint)
+            state = client["dbot"]
+        else:             # another world size / ZeRO stage: DeepSpeed's state from the universal copy, ours as usual
+            load_universal(self.engine, self.resume_dir, self.universal_tag)
+            state = ckpt.read_meta(self.resume_dir, tag)["client_state"]
+            teacher = load_teacher_file(self.resume_dir / tag / "teacher.pt", self.trust_checkpoint)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         # Older checkpoints hold rank 0's own count under "skipped"; newer ones the total over ranks.
         self.skipped_base = self.skipped_total = state.get("skipped_total", state.get("skipped", 0))
@@ -213,7 +234,7 @@ class Trainer:
         return build_train_loader(self.pattern, img_size=self.cfg.model.img_size, micro_batch=self.cfg.optim.micro_batch,
                                   num_workers=d.num_workers, seed=seed, rank=self.rank, world_size=self.world,
                                   resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, start_batch=start,
-                                  manifest=self.dataset.manifest)
+                                  manifest=self.dataset.manifest, stall_timeout_s=d.stall_timeout_s)
 
     def _batches(self):
         """The current data iterator, built at the start, on resume, and (resampled) after each checkpoint."""

@@ -32,6 +32,12 @@ for depth in 0 full; do
     done
   done
 done
+# The cost of DeepSpeed's per-step inf/NaN gradient check (bf16.check_grad_overflow, optim.skip_nonfinite_steps):
+# the same full-depth micro-batch-128 step without it; compare img/s with vit_h_depthfull_mb128_ckpt0.json.
+echo "== vit_h_depthfull_mb128_ckpt0 without the overflow check"
+timeout 300 python3 -m dbot_ds.bench step --arch "$arch" --micro-batch 128 --ckpt 0 --teacher-depth full --zero zero2 \
+  --teacher replicated --steps "$steps" --warmup "$warmup" --set optim.skip_nonfinite_steps=false \
+  --json "$results/overflow_check_off.json" 2>&1 | grep -v '^\[20' | tail -2
 python3 - "$results" <<'PY'
 import json, sys, pathlib
 rows = []

@@ -3,6 +3,7 @@ to timm and checked against DeepSpeed's own consolidation, our Encoder and teach
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,12 @@ def test_final_student_export_is_timm_and_equals_deepspeed_and_encoder(ds_run, z
 
     # encoder.json
     assert info["timm_arch"] == "vit_base_patch16_224"                  # vit_tiny_patch4 at 32 px: no named model
+    assert info["model_name"].startswith("custom ViT: width 96, depth 4, 3 heads, patch 4, 32 px")
+    assert info["run_finished"] is True
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("encoder.safetensors", "encoder.json"):                  # both follow the user's umask
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~mask, f
     assert info["timm_kwargs"] == dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0)
     assert (info["stage"], info["step"], info["tag"], info["which"]) == (2, 4, TAG_FINAL, "student")
     assert info["arch"] == "vit_tiny_patch4" and info["trained_in_stage"] == 1
@@ -190,6 +197,10 @@ def test_depth0_teacher_cannot_be_exported(ds_run, tmp_path, capsys):
     t = torch.load(tag_dir / "teacher.pt", map_location="cpu", weights_only=True)
     keep = {k: v for k, v in t["state"].items() if k.startswith(("patch_embed.", "cls_token"))}
     torch.save({"depth": 0, "state": keep}, tag_dir / "teacher.pt")
+    rc, out = export_cli(capsys, tag_dir, "--which", "teacher", "--out", tmp_path / "o")
+    assert rc == 2 and "teacher.pt is " in out and "when saved" in out      # changed (smaller) since the save
+    from dbot_ds.ckpt_safety import main as ckpt_safety
+    assert ckpt_safety(["record", str(tag_dir)]) == 0                       # a deliberate edit, re-recorded
     rc, out = export_cli(capsys, tag_dir, "--which", "teacher", "--out", tmp_path / "o")
     assert rc == 2 and "depth 0" in out and "--which student" in out
     rc, out = export_cli(capsys, tag_dir, "--also-teacher", "--out", tmp_path / "o")

@@ -115,7 +115,7 @@ def test_imagenet_labels_counts_bytes_and_skips(imagenet, converted, source):
     listed = [line.split("\t")[0] for line in (out / "skipped.txt").read_text().splitlines()]
     assert sorted(listed) == sorted(imagenet["bad"]) and manifest["num_skipped_files"] == 2
     assert "skipped files: 2" in printed and all(name in printed for name in imagenet["bad"])
-    assert f"data.shards={out}/shard-{{000000..000004}}.tar" in printed
+    assert f"data.shards='{out}/shard-{{000000..000004}}.tar'" in printed
     assert not list(out.glob("*.tmp"))
 
 
