@@ -126,9 +126,14 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         meta = json.loads((ckpt_dir / tag / "COMPLETE").read_text())
         if not meta.get("stage_end"):
             periodic.append(tag)
+    # Renamed out of the tag namespace first (atomic), then deleted: a kill during the rmtree can neither leave a
+    # tag whose COMPLETE survives its files nor an old folder nothing removes; the next prune finishes the job.
     for tag in periodic[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-        shutil.rmtree(ckpt_dir / (tag + ".universal"), ignore_errors=True)   # its cached copy (reshard.py)
+        for name in (tag, tag + ".universal"):                   # and its cached universal copy (reshard.py)
+            if (ckpt_dir / name).exists():
+                os.replace(ckpt_dir / name, ckpt_dir / f".pruned-{name}")
+    for trash in ckpt_dir.glob(".pruned-step*"):
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 _VERIFIED: set[Path] = set()      # tag folders this process has verified (so load() need not do it twice)
