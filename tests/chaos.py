@@ -47,11 +47,12 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from conftest import _env, free_port   # the same environment and port picking as the test suite's launches
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_STEPS, SAVE_EVERY = 12, 3            # two stages of 12 steps, a checkpoint every 3 steps
@@ -78,17 +79,8 @@ LAUNCH_TIMEOUT_S = 600
 # The job
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def job_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+    return _env()
 
 
 def job_cmd(port: int, shards: Path, run_dir: Path, variant: str) -> list[str]:
