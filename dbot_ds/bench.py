@@ -67,7 +67,7 @@ def bench_ours(pattern: str, *, workers: int, batch: int, img_size: int, warmup:
     (``normalized=False``: the loader alone, i.e. what the workers deliver when a GPU does the normalising)."""
     device = _device()
 
-    def consume(item: tuple[torch.Tensor, int]) -> int:
+    def consume(item: tuple[torch.Tensor, object]) -> int:
         images, _ = item
         if normalized:
             normalize(images.to(device, non_blocking=True))

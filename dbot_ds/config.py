@@ -56,6 +56,13 @@ class ModelConfig:
     drop_path: float = 0.0             # student stochastic depth (teacher: always 0)
     act_ckpt_every: int = 0            # activation checkpointing: 0 off, 1 every block, k every k-th block
     compile: bool = False              # torch.compile each transformer block (student and teacher)
+    student: str = "asymmetric"        # asymmetric: MAE encoder (visible patches) + decoder, the bootstrapped recipe;
+                                       # symmetric: BEiT-style encoder over all patches with mask tokens, the CLIP recipe
+    mask: str = "random"               # random: per-sample, model.mask_ratio; block: BEiT block-wise, num_mask_patches
+                                       # (symmetric student only)
+    num_mask_patches: int = 0          # block: patches to hide per image (reference 78; an image may end with fewer)
+    min_mask_patches_per_block: int = 16   # block: smallest block area drawn (reference default 16)
+    layer_scale_init: float = 0.1      # symmetric: initial layer scale (reference run.sh 0.1 for B/L/H); 0 = off
 
 
 @dataclass
@@ -71,6 +78,11 @@ class TeacherConfig:
     final_norm: bool = False           # reference default tlayernorm=0: targets are pre-norm features
     placement: str = "replicated"      # "replicated": plain bf16 module per rank; "zero3": partitioned engine
     offload: bool = False              # with placement zero3: keep the teacher's partitions in CPU memory
+    clip_target: str = "hidden"        # hf_clip: hidden = hidden state `teacher.layer` (before ln_post, unprojected);
+                                       # post_norm_proj = every token through ln_post + the visual projection
+                                       # (reference --post_patch_norm True; needs a folder holding visual_projection)
+    input_size: int = 0                # hf_clip: pixels the teacher reads (bicubic resize of the student's input);
+                                       # 0 = model.img_size. E.g. 196 for a /14 teacher beside a /16 student
 
 
 @dataclass
@@ -91,6 +103,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
+    eps: float = 1e-8                  # AdamW epsilon (the CLIP recipe uses 1e-6)
     clip_grad: float = 0.0             # max global grad norm; 0 = no clipping
     precision: str = "bf16"            # "bf16" or "fp32"
     skip_nonfinite_steps: bool = True  # ZeRO-1/2 + bf16: DeepSpeed checks grads for inf/NaN and skips such steps
@@ -98,6 +111,12 @@ class OptimConfig:
                                        # non-finite gradient poisons the weights (caught as a non-finite loss)
     max_skipped_in_row: int = 3        # stop the run after this many skipped optimizer steps in a row; 0 = never
     max_skipped_frac: float = 0.5      # ... or when this fraction of a log window is skipped (>= 2 skips); 0 = never
+
+
+@dataclass
+class ObjectiveConfig:
+    loss: str = "smooth_l1"            # smooth_l1: SmoothL1(beta 2) on per-token standardised targets (bootstrapped
+                                       # recipe); neg_cosine: 1 - mean cosine over the loss tokens (CLIP recipe)
 
 
 @dataclass
@@ -140,6 +159,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -335,6 +355,7 @@ def validate(cfg: Config) -> None:
         if len(s.stage_epochs or s.stage_steps) != 1:
             raise ConfigError(f"teacher.source={t.source} is the pre-trained-teacher setting: one stage, no swap; "
                               "set a single stage length (e.g. schedule.stage_epochs=[1600])")
+    _validate_recipe(cfg)
     if t.placement not in ("replicated", "zero3"):
         raise ConfigError(f"teacher.placement must be 'replicated' or 'zero3', got '{t.placement}'")
     if t.offload and t.placement != "zero3":
@@ -360,6 +381,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError("run.log_every and run.save_every must be > 0")
 
 
+def _validate_recipe(cfg: Config) -> None:
+    """Student variant, masking, loss and CLIP-target choices, and the combinations that are built."""
+    m, t = cfg.model, cfg.teacher
+    choices = {"model.student": (m.student, ("asymmetric", "symmetric")), "model.mask": (m.mask, ("random", "block")),
+               "objective.loss": (cfg.objective.loss, ("smooth_l1", "neg_cosine")),
+               "teacher.clip_target": (t.clip_target, ("hidden", "post_norm_proj"))}
+    for key, (value, ok) in choices.items():
+        if value not in ok:
+            raise ConfigError(f"{key} must be one of {', '.join(ok)}, got '{value}'")
+    grid = m.img_size // m.patch_size
+    if m.mask == "block":
+        if m.student != "symmetric":
+            raise ConfigError("model.mask=block needs model.student=symmetric: the asymmetric student batches a fixed "
+                              "number of visible patches, and block masks vary in count")
+        if not 0 < m.num_mask_patches < grid * grid:
+            raise ConfigError(f"model.mask=block needs model.num_mask_patches in 1..{grid * grid - 1} for the "
+                              f"{grid}x{grid} grid, got {m.num_mask_patches} (the reference hides 78)")
+        if m.min_mask_patches_per_block < 1:
+            raise ConfigError("model.min_mask_patches_per_block must be >= 1")
+    if m.student == "symmetric" and t.source == "bootstrap":
+        raise ConfigError("model.student=symmetric is the pre-trained-teacher recipe: set teacher.source (hf_clip or "
+                          "vit) and teacher.weights; bootstrapped teachers are built for the asymmetric student only")
+    if m.layer_scale_init < 0:
+        raise ConfigError("model.layer_scale_init must be >= 0 (0 = no layer scale)")
+    if (t.clip_target != "hidden" or t.input_size) and t.source != "hf_clip":
+        raise ConfigError("teacher.clip_target and teacher.input_size apply to teacher.source=hf_clip only")
+    if t.input_size < 0:
+        raise ConfigError("teacher.input_size must be >= 0 (0 = model.img_size)")
+
+
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
     """Micro-batches per optimizer step; error unless micro_batch x accumulation x world == global_batch."""
     o = cfg.optim
@@ -378,10 +429,11 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], keys: list[str]) -> dict[str, tuple[Any, Any]]:
-    """{'model.depth': (12, 24), ...} for the dotted keys (or whole sections) that differ between two dicts."""
+    """{'model.depth': (12, 24), ...} for the dotted keys (or whole sections) that differ between two dicts.
+    A key the old dict predates (a checkpoint from before the key existed) is not compared."""
     out = {}
     flat_old, flat_new = _flat_dict(old), _flat_dict(new)
-    for k in sorted(set(flat_old) | set(flat_new)):
+    for k in sorted(flat_old):
         if any(k == p or k.startswith(p + ".") for p in keys) and flat_old.get(k) != flat_new.get(k):
             out[k] = (flat_old.get(k), flat_new.get(k))
     return out

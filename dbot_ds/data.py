@@ -24,6 +24,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -36,6 +37,9 @@ from webdataset import utils as wds_utils
 from webdataset.gopen import Pipe, gopen, rewrite_url
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from torchvision.transforms import v2
+
+from .epochs import Geometry, Piece, Unit, block_units, epoch_units, mix_seed, new_spec, shuffled, slice_pieces
+from .epochs import epoch_batches_per_rank, epoch_geometry, reader_ranges  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +134,6 @@ def dataset_size(pattern: str) -> int:
 
 # ----------------------------------------------------------------------------------- seeds and workers
 
-def mix_seed(*ints: int) -> int:
-    """A well-mixed 63-bit seed from a few ints. Unlike hash() of strings this is stable across processes."""
-    state = np.random.SeedSequence([int(i) % 2**63 for i in ints]).generate_state(1, np.uint64)[0]
-    return int(state) >> 1
-
-
 def _worker() -> tuple[int, int]:
     """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
     info = torch.utils.data.get_worker_info()
@@ -173,45 +171,6 @@ def shard_counts(pattern: str, manifest: str | None = None) -> list[int]:
             raise ValueError(f"{name} is not listed in {where}; regenerate the manifest or fix the pattern")
         counts.append(t[name])
     return counts
-
-
-def epoch_geometry(num_samples: int, world_size: int, num_workers: int, micro_batch: int) -> tuple[int, int]:
-    """(readers, images per reader per epoch) of the non-resampled stream.
-
-    Each of the R = world_size x max(num_workers, 1) readers owns a contiguous 1/R of the epoch's sample order
-    (at most ceil(N/R) samples) and yields exactly Q = micro_batch x ceil(ceil(N/R) / micro_batch) images, the
-    last few repeated from its own range. So every rank yields the same number of full batches and the
-    repeats per epoch are R x Q - N < R x micro_batch."""
-    readers = world_size * max(num_workers, 1)
-    per_reader = -(-num_samples // readers)
-    return readers, micro_batch * -(-per_reader // micro_batch)
-
-
-def epoch_batches_per_rank(num_samples: int, world_size: int, num_workers: int, micro_batch: int) -> int:
-    """Micro-batches one rank receives per epoch in non-resampled mode."""
-    _, per_reader = epoch_geometry(num_samples, world_size, num_workers, micro_batch)
-    return per_reader // micro_batch * max(num_workers, 1)
-
-
-def reader_ranges(counts: list[int], reader: int, readers: int) -> list[tuple[int, int, int]]:
-    """(shard index, first sample, end sample) pieces of reader's slice [r N/R, (r+1) N/R) of the samples of
-    the shards in the given order."""
-    total = sum(counts)
-    lo, hi = reader * total // readers, (reader + 1) * total // readers
-    out, offset = [], 0
-    for i, n in enumerate(counts):
-        a, b = max(lo, offset), min(hi, offset + n)
-        if a < b:
-            out.append((i, a - offset, b - offset))
-        offset += n
-    return out
-
-
-def _epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """Shard order of one epoch: the same on every rank and worker (seeded by (seed, epoch) only)."""
-    order = list(range(num_shards))
-    random.Random(mix_seed(seed, epoch)).shuffle(order)
-    return order
 
 
 # ------------------------------------------------------------------------------------ error handling
@@ -358,8 +317,8 @@ def _open_remote(url: str, stall_s: float):
 # ------------------------------------------------------------------------------- reading and decoding
 
 def _raw_samples(url: str, start: int = 0, stop: int | None = None, count: bool = True,
-                 stall_s: float = DEFAULT_STALL_TIMEOUT_S) -> Iterator[dict]:
-    """Samples [start, stop) of one shard (local, pipe:, http ...). A shard that cannot be opened or read is
+                 stall_s: float = DEFAULT_STALL_TIMEOUT_S, keep: frozenset[int] | None = None) -> Iterator[dict]:
+    """Samples [start, stop) of one shard (local, pipe:, http ...), only those in `keep` if given. A shard that cannot be opened or read is
     skipped through the handler; one that yields nothing counts as one skip too (else a reader could spin
     forever on empty shards). A remote one that sends nothing for `stall_s` seconds ends there, as one skip."""
     errors = 0
@@ -386,7 +345,7 @@ def _raw_samples(url: str, start: int = 0, stop: int | None = None, count: bool 
         for i, sample in enumerate(samples):
             if stop is not None and i >= stop:
                 break
-            if i >= start:
+            if i >= start and (keep is None or i in keep):
                 n += 1
                 yield sample
     except ShardStalled as exn:
@@ -464,12 +423,6 @@ class _Decoder:
             rng.set_state(outer)
 
 
-def _shuffled(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict]:
-    if bufsize <= 1:
-        return samples
-    return wds.shuffle(bufsize, initial=bufsize, rng=random.Random(seed))(samples)
-
-
 # ----------------------------------------------------------------------------------------- the readers
 
 def _resampled_images(shards: list[str], decode: _Decoder, *, seed: int, reader: int, shuffle_buffer: int,
@@ -482,88 +435,122 @@ def _resampled_images(shards: list[str], decode: _Decoder, *, seed: int, reader:
             yield from _raw_samples(rng.choice(shards), stall_s=stall_s)
 
     index = 0
-    for sample in _shuffled(raw(), shuffle_buffer, mix_seed(seed, reader, _SHUFFLE_STREAM)):
+    for sample in shuffled(raw(), shuffle_buffer, mix_seed(seed, reader, _SHUFFLE_STREAM)):
         image = decode(sample, mix_seed(seed, reader, _AUGMENT_STREAM, index))
         if image is not None:
             index += 1
             yield image
 
 
-def _epoch_images(shards: list[str], counts: list[int], decode: _Decoder, *, seed: int, epoch: int, reader: int,
-                  readers: int, per_reader: int, skip: int, shuffle_buffer: int,
-                  stall_s: float = DEFAULT_STALL_TIMEOUT_S) -> Iterator[torch.Tensor]:
-    """Exactly `per_reader` images of one epoch for one reader, the first `skip` only validated (resume).
+def _read_pieces(shards: list[str], pieces: list[Piece], count: bool, stall_s: float) -> Iterator[dict]:
+    """The samples of `pieces` in order. Consecutive pieces of one shard are read in one pass over it, so a block
+    of scattered leftovers costs one read per shard, not one per piece."""
+    for shard, group in itertools.groupby(pieces, key=lambda p: p[0]):
+        group = list(group)
+        runs = [group[:1]]
+        for p in group[1:]:                      # a piece that goes backwards starts a new pass
+            (runs[-1].append(p) if p[1] >= runs[-1][-1][2] else runs.append([p]))
+        for run in runs:
+            lo, hi = run[0][1], run[-1][2]
+            keep = None if len(run) == 1 else frozenset(i for _, a, b in run for i in range(a, b))
+            yield from _raw_samples(shards[shard], lo, hi, count=count, stall_s=stall_s, keep=keep)
+
+
+def _unit_images(shards: list[str], unit: Unit, decode: _Decoder, *, seed: int, reader: int, readers: int,
+                 per_reader: int, skip: int, shuffle_buffer: int, stall_s: float = DEFAULT_STALL_TIMEOUT_S
+                 ) -> Iterator[tuple[torch.Tensor, int]]:
+    """Exactly `per_reader` (image, drawn) of one unit (an epoch or a block, see epochs.py) for one reader, the
+    first `skip` images only validated (resume). `drawn`: samples the shuffle buffer has handed out so far.
 
     Pass 1 reads the reader's own slice (shuffled); corrupt samples are counted once here. Later passes pad up
     to `per_reader` by re-reading the slice in order without counting again, and if the whole slice is
-    unreadable, the slices after it."""
-    order = _epoch_order(len(shards), seed, epoch)
-    ordered_counts = [counts[i] for i in order]
-    produced = 0
+    unreadable (or empty), the slices after it."""
+    own = slice_pieces(unit.pieces, reader, readers)
+    produced, drawn = 0, 0
 
-    def emit(samples: Iterator[dict], count: bool) -> Iterator[torch.Tensor]:
-        nonlocal produced
+    def emit(samples: Iterator[dict], count: bool, first_pass: bool) -> Iterator[tuple[torch.Tensor, int]]:
+        nonlocal produced, drawn
         for sample in samples:
             if produced == per_reader:
                 return
+            drawn += first_pass
             replay = produced < skip        # resumed: already consumed (and counted) before the restart
-            ok = decode(sample, mix_seed(seed, epoch, reader, produced), count=count and not replay,
+            ok = decode(sample, mix_seed(seed, *unit.key, reader, produced), count=count and not replay,
                         validate_only=replay)
             if ok is None:
                 continue
             produced += 1
             if produced > skip:
-                yield ok
+                yield ok, drawn
 
     def slice_samples(r: int, count: bool) -> Iterator[dict]:
-        for i, a, b in reader_ranges(ordered_counts, r, readers):
-            yield from _raw_samples(shards[order[i]], a, b, count=count, stall_s=stall_s)
+        return _read_pieces(shards, slice_pieces(unit.pieces, r, readers), count, stall_s)
 
-    yield from emit(_shuffled(slice_samples(reader, True), shuffle_buffer, mix_seed(seed, epoch, reader)), True)
+    yield from emit(shuffled(_read_pieces(shards, own, True, stall_s), shuffle_buffer,
+                             unit.shuffle_seed(seed, reader)), True, True)
+    drawn = sum(b - a for _, a, b in own)     # pass 1 is over: the whole slice counts as drawn
     for attempt in range(readers):          # padding passes: own slice first, then the next slices
         if produced == per_reader:
             return
         before = produced
         while produced < per_reader:
-            yield from emit(slice_samples((reader + attempt) % readers, False), False)
+            yield from emit(slice_samples((reader + attempt) % readers, False), False, False)
             if produced == before:
                 break                        # this slice is unreadable: try the next one
     if produced < per_reader:
         raise _BrokenData("no readable sample in any shard")
 
 
+class BatchInfo(NamedTuple):
+    """What comes with each batch: samples its worker skipped since its previous batch, and (exact epochs) the
+    position of the reader that made it after its last image: (reader, unit, drawn), see epochs.py."""
+    skipped: int
+    reader: int = 0
+    unit: int = 0
+    drawn: int = 0
+
+
 class _Stream(torch.utils.data.IterableDataset):
     """One rank's stream; in each DataLoader worker it runs that worker's reader and batches inside it."""
 
-    def __init__(self, pattern: str, shards: list[str], counts: list[int] | None, *, img_size: int, micro_batch: int,
-                 seed: int, rank: int, world_size: int, shuffle_buffer: int, crop_scale: tuple[float, float],
-                 start_batch: int, stall_s: float):
-        self.pattern, self.shards, self.counts = pattern, shards, counts
+    def __init__(self, pattern: str, shards: list[str], *, img_size: int, micro_batch: int, seed: int, rank: int,
+                 world_size: int, shuffle_buffer: int, crop_scale: tuple[float, float], start_batch: int,
+                 stall_s: float, counts: list[int] | None = None, spec: dict | None = None,
+                 block: list[Unit] | None = None):
+        self.pattern, self.shards, self.counts, self.spec, self.block = pattern, shards, counts, spec, block
         self.micro_batch, self.seed, self.rank, self.world_size = micro_batch, seed, rank, world_size
         self.shuffle_buffer, self.start_batch, self.stall_s = shuffle_buffer, start_batch, stall_s
         self.decode = _Decoder(img_size, tuple(crop_scale))
 
-    def images(self) -> Iterator[torch.Tensor]:
+    def _units(self) -> Iterator[Unit]:
+        return itertools.chain(self.block, epoch_units(self.spec["first_epoch"], self.counts, self.seed))
+
+    def images(self) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
         worker, workers = _worker()
         # The DataLoader takes batches from its workers round-robin, starting with worker 0: worker w makes
         # batches w, w + W, ... After `start_batch` batches, the next one belongs to reader start_batch % W, so
         # the workers of a resumed stream take over the readers rotated by that much.
         worker = (worker + self.start_batch) % workers
         reader = self.rank * workers + worker
-        if self.counts is None:
-            yield from _resampled_images(self.shards, self.decode, seed=self.seed, reader=reader,
-                                         shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s)
+        if self.spec is None:
+            for image in _resampled_images(self.shards, self.decode, seed=self.seed, reader=reader,
+                                           shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s):
+                yield image, (reader, 0, 0)
             return
-        readers, per_reader = epoch_geometry(sum(self.counts), self.world_size, workers, self.micro_batch)
-        done = self.start_batch // workers + (1 if worker < self.start_batch % workers else 0)
-        epoch, skip = divmod(done * self.micro_batch, per_reader)
-        for e in itertools.count(epoch):
-            yield from _epoch_images(self.shards, self.counts, self.decode, seed=self.seed, epoch=e, reader=reader,
-                                     readers=readers, per_reader=per_reader, skip=skip,
-                                     shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s)
-            skip = 0
+        geom = Geometry(self.world_size, workers, self.micro_batch, self.shuffle_buffer)
+        done = (self.start_batch // workers + (1 if worker < self.start_batch % workers else 0)) * self.micro_batch
+        for index, unit in enumerate(self._units()):
+            quota = geom.quota(unit.samples)
+            if done >= quota:                    # resumed past this unit
+                done -= quota
+                continue
+            for image, drawn in _unit_images(self.shards, unit, self.decode, seed=self.seed, reader=reader,
+                                             readers=geom.readers, per_reader=quota, skip=done,
+                                             shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s):
+                yield image, (reader, index, drawn)
+            done = 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, BatchInfo]]:
         try:
             yield from _with_skip_counts(_full_batches(self.images(), self.micro_batch))
         except _BrokenData as e:
@@ -571,19 +558,20 @@ class _Stream(torch.utils.data.IterableDataset):
                                "the errors); check the paths, credentials of pipe:/http sources, and the files") from None
 
 
-def _full_batches(images: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
-    """Stacked batches of `size`, each yielded as soon as it is full. (webdataset's `batched` yields a batch only
-    when the next image arrives, so the skips met while reading that image were counted one batch early.)"""
+def _full_batches(images: Iterator[tuple[torch.Tensor, tuple]], size: int) -> Iterator[tuple[torch.Tensor, tuple]]:
+    """(stacked batch of `size`, the position after its last image), each yielded as soon as it is full.
+    (webdataset's `batched` yields a batch only when the next image arrives, so the skips met while reading
+    that image were counted one batch early.)"""
     while len(batch := list(itertools.islice(images, size))) == size:
-        yield torch.stack(batch)
+        yield torch.stack([image for image, _ in batch]), batch[-1][1]
 
 
-def _with_skip_counts(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, int]]:
+def _with_skip_counts(batches: Iterator[tuple[torch.Tensor, tuple]]) -> Iterator[tuple[torch.Tensor, BatchInfo]]:
     """Attach to each batch the samples this worker skipped since its previous batch: the counter lives in the
     worker process, and this is how the count reaches the trainer."""
     seen = _skipped
-    for images in batches:
-        yield images, _skipped - seen
+    for images, position in batches:
+        yield images, BatchInfo(_skipped - seen, *position)
         seen = _skipped
 
 
@@ -592,15 +580,16 @@ def _with_skip_counts(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.T
 def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_workers: int, seed: int,
                        rank: int, world_size: int, resampled: bool = True, shuffle_buffer: int = 1000,
                        crop_scale: tuple[float, float] = (0.2, 1.0), start_batch: int = 0,
-                       manifest: str | None = None,
-                       stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> torch.utils.data.DataLoader:
+                       manifest: str | None = None, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+                       spec: dict | None = None) -> torch.utils.data.DataLoader:
     """INFINITE iterable of (uint8 image batch [micro_batch, 3, img_size, img_size] (CPU, pinned if CUDA),
-    samples skipped as unreadable since the producing worker's previous batch).
+    BatchInfo: samples skipped as unreadable since the producing worker's previous batch, reader position).
 
     resampled=True: shards drawn with replacement; reproducible for a fixed (seed, rank, num_workers); resume
-    by building a new stream with a new seed. resampled=False: epochs of exact coverage (see
-    `epoch_geometry`), shard order seeded by (seed, epoch); `start_batch` = micro-batches this rank already
-    consumed, so a resumed stream continues exactly where the old one stopped.
+    by building a new stream with a new seed. resampled=False: epochs of exact coverage, shard order seeded by
+    (seed, epoch), after the block `spec` owes (see epochs.py; None: a fresh stream from epoch 0); `start_batch` =
+    micro-batches this rank already consumed from that stream, so a resumed stream continues exactly where the
+    old one stopped. The second item of each pair is a `BatchInfo`.
 
     stall_timeout_s: a remote shard (http(s), `pipe:`, ...) that sends no byte for this many seconds is skipped
     as failed; `_MAX_CONSECUTIVE_STALLS` stalled shards in a row fail the stream with an error naming `pattern`.
@@ -608,7 +597,7 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
     if not stall_timeout_s > 0:
         raise ValueError(f"data.stall_timeout_s must be > 0 seconds, got {stall_timeout_s}")
     shards = expand_shards(pattern)
-    counts = None
+    counts, block = None, None
     if not resampled:
         counts = shard_counts(pattern, manifest)
         readers = world_size * max(num_workers, 1)
@@ -617,9 +606,12 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
                 f"data.resampled=false needs at least one shard per reader, but {len(shards)} shards < "
                 f"{world_size} ranks x {max(num_workers, 1)} workers = {readers}. Write more (smaller) shards, "
                 "use fewer data workers (data.num_workers), or set data.resampled=true.")
-    stream = _Stream(pattern, shards, counts, img_size=img_size, micro_batch=micro_batch, seed=seed, rank=rank,
+        spec = spec or new_spec()
+        block = block_units(spec, counts, seed)        # computed once here, not in every worker
+    stream = _Stream(pattern, shards, img_size=img_size, micro_batch=micro_batch, seed=seed, rank=rank,
                      world_size=world_size, shuffle_buffer=shuffle_buffer, crop_scale=crop_scale,
-                     start_batch=start_batch, stall_s=stall_timeout_s)
+                     start_batch=start_batch, stall_s=stall_timeout_s, counts=counts,
+                     spec=None if resampled else spec, block=block)
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,  # batched inside the workers

@@ -82,8 +82,8 @@ def build_optimizer(model: nn.Module, cfg: Config, ds_config: dict, device: torc
     groups = param_groups(model, o.weight_decay)
     if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
-        return DeepSpeedCPUAdam(groups, lr=0.0, betas=(o.beta1, o.beta2), adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=0.0, betas=(o.beta1, o.beta2), fused=device.type == "cuda")
+        return DeepSpeedCPUAdam(groups, lr=0.0, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=0.0, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
 
 
 def init_student_engine(student: nn.Module, cfg: Config, world_size: int, device: torch.device,

@@ -8,15 +8,18 @@ The student's encoder and the teacher share one module (`Encoder`) and therefore
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
+from timm.models import beit
 from timm.models.vision_transformer import Block
 
 from .config import ModelConfig
+from .masking import block_masking, random_mask
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -128,7 +131,7 @@ class Encoder(nn.Module):
 
 
 class Student(nn.Module):
-    """MAE-style student: the encoder sees cls + K visible patches; the decoder predicts the teacher's features
+    """Asymmetric (MAE-style) student: the encoder sees cls + K visible patches; the decoder predicts the teacher's features
     for all 1 + N tokens."""
 
     def __init__(self, cfg: ModelConfig, teacher_dim: int | None = None):
@@ -172,13 +175,136 @@ class Student(nn.Module):
         return pred, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
 
 
-def build_student(cfg: ModelConfig, teacher_dim: int | None = None, seed: int | None = None) -> Student:
-    """A freshly initialised student in fp32 on the CPU; with `seed`, the init does not touch the global RNG."""
+# ----------------------------------------------------------------------------------------------------------
+# The symmetric (BEiT-style) student of the reference's CLIP-teacher recipe (dBOT `beit` branch,
+# modeling_pretrain.py with run.sh's flags): no absolute position embedding, one relative position bias shared by
+# all blocks, layer scale (init 0.1), q/v biases without a k bias, final norm, then a linear head to the teacher.
+
+
+def _trunc_normal(t: torch.Tensor, std: float = 0.02) -> None:
+    """BEiT's init: normal(0, std) truncated at +-1 std (the reference passes a=-std, b=std)."""
+    nn.init.trunc_normal_(t, std=std, a=-std, b=std)
+
+
+class BeitEncoder(nn.Module):
+    """ViT over cls + all N patch tokens with a shared relative position bias. Parameter names are those of timm's
+    `Beit` (use_abs_pos_emb=False, use_shared_rel_pos_bias=True, init_values=layer_scale_init, global_pool='token'):
+    `patch_embed.proj.*`, `cls_token`, `rel_pos_bias.relative_position_bias_table`, `blocks.{i}.*`, `norm.*`."""
+
+    def __init__(self, cfg: ModelConfig, drop_path: float = 0.0, ckpt_every: int = 0):
+        super().__init__()
+        grid = cfg.img_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, 3, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.rel_pos_bias = beit.RelativePositionBias((grid, grid), cfg.num_heads)
+        rates = torch.linspace(0, drop_path, cfg.depth).tolist()          # as the reference
+        ls = cfg.layer_scale_init or None
+        self.blocks = nn.ModuleList(
+            beit.Block(cfg.embed_dim, cfg.num_heads, qkv_bias=True, mlp_ratio=cfg.mlp_ratio, drop_path=r,
+                       init_values=ls, norm_layer=LayerNorm) for r in rates)
+        self.norm = LayerNorm(cfg.embed_dim)
+        self.ckpt_every, self.embed_dim = ckpt_every, cfg.embed_dim
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> patch tokens [B, N, D] (no positions: they come from the attention bias)."""
+        if images.shape[-2:] != self.patch_embed.img_size:
+            raise ValueError(f"images are {tuple(images.shape[-2:])} px but the model expects "
+                             f"{self.patch_embed.img_size}; set model.img_size to match the data")
+        return self.patch_embed(images)
+
+    def transform(self, patches: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] patch tokens -> [B, 1 + N, D]: cls in front, blocks, final norm."""
+        cls = self.cls_token.to(patches.dtype).expand(patches.shape[0], -1, -1)
+        x = torch.cat([cls, patches], dim=1)
+        bias = self.rel_pos_bias().to(x.dtype)
+        for i, blk in enumerate(self.blocks):
+            if self.training and self.ckpt_every and i % self.ckpt_every == 0 and torch.is_grad_enabled():
+                x = checkpoint(blk, x, bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=bias)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """All tokens, nothing masked: images [B, 3, H, W] -> [B, 1 + N, D]."""
+        return self.transform(self.embed(images))
+
+
+class SymmetricStudent(nn.Module):
+    """BEiT-style student: the encoder sees every patch, a learned mask token replacing the hidden ones; a linear
+    head maps every output token to the teacher's width. Only hidden patches are in the loss (not cls)."""
+
+    def __init__(self, cfg: ModelConfig, teacher_dim: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = BeitEncoder(cfg, drop_path=cfg.drop_path, ckpt_every=cfg.act_ckpt_every)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.predictor = nn.Linear(cfg.embed_dim, teacher_dim or cfg.embed_dim)
+        self.grid = cfg.img_size // cfg.patch_size
+        self.reset_parameters()
+        if cfg.compile:
+            compile_blocks(self)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference's init: truncated normal(0.02) for Linear/conv weights and the cls/mask tokens, zero biases
+        (q/v included), unit norms, zero relative position table, layer scales at model.layer_scale_init, and the
+        residual-branch outputs (attn.proj, mlp.fc2) of block i divided by sqrt(2 (i + 1))."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                _trunc_normal(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        enc = self.encoder
+        _trunc_normal(enc.cls_token)
+        _trunc_normal(self.mask_token)
+        enc.rel_pos_bias.reset_parameters()
+        for i, blk in enumerate(enc.blocks):
+            for name in ("q_bias", "k_bias", "v_bias"):
+                t = getattr(blk.attn, name)
+                if t is not None:
+                    t.zero_()
+            if isinstance(blk.gamma_1, nn.Parameter):
+                blk.gamma_1.fill_(self.cfg.layer_scale_init)
+                blk.gamma_2.fill_(self.cfg.layer_scale_init)
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+
+    def no_weight_decay(self) -> set[str]:
+        """As the reference's `no_weight_decay` ({'pos_embed', 'cls_token'}; there is no pos_embed here)."""
+        return {"encoder.cls_token"}
+
+    def sample_mask(self, batch: int, device: torch.device) -> torch.Tensor:
+        """bool [B, N], True = hidden: block-wise (model.num_mask_patches) or random (model.mask_ratio)."""
+        if self.cfg.mask == "block":
+            return block_masking(batch, self.grid, self.cfg.num_mask_patches, self.cfg.min_mask_patches_per_block,
+                                 device=device)
+        return random_mask(batch, self.grid * self.grid, self.cfg.mask_ratio, device=device)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] (optional bool mask [B, N]) -> (pred [B, 1 + N, Dt], loss mask [B, 1 + N] with
+        1 = in the loss: the hidden patches; cls is 0, as the reference's default recon_cls_token=False)."""
+        x = self.encoder.embed(images)
+        if mask is None:
+            mask = self.sample_mask(x.shape[0], x.device)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        pred = self.predictor(self.encoder.transform(x))
+        loss_mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1).to(pred.dtype)
+        return pred, loss_mask
+
+
+def build_student(cfg: ModelConfig, teacher_dim: int | None = None, seed: int | None = None) -> nn.Module:
+    """A freshly initialised student (`model.student`: asymmetric `Student` or symmetric `SymmetricStudent`) in fp32
+    on the CPU; with `seed`, the init does not touch the global RNG."""
+    cls = SymmetricStudent if cfg.student == "symmetric" else Student
     if seed is None:
-        return Student(cfg, teacher_dim)
+        return cls(cfg, teacher_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Student(cfg, teacher_dim)
+        return cls(cfg, teacher_dim)
 
 
 def build_teacher(cfg: ModelConfig, depth: int, final_norm: bool) -> Encoder:
@@ -200,16 +326,19 @@ def compile_blocks(module: nn.Module) -> nn.Module:
     """Regional torch.compile: every transformer block compiled in place. All blocks of a stack share shapes,
     so one graph serves them; ZeRO-3's gather hooks and activation checkpointing stay around the blocks."""
     for m in module.modules():
-        if isinstance(m, Block):
+        if isinstance(m, (Block, beit.Block)):
             m.compile()
     return module
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as the reference applies decay: none on biases and 1-D params (norms); cls/mask tokens decayed."""
+    """AdamW groups as the reference applies decay: none on biases and 1-D params (norms, layer scales), nor on the
+    names the model's `no_weight_decay()` lists (the symmetric student: its cls token, as BEiT); the asymmetric
+    student's cls/mask tokens are decayed (timm add_weight_decay in the MAE-based reference)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -4,7 +4,8 @@ Determinism (what makes resume exact): the masking / drop-path RNG is reseeded f
 rank) before every forward. The data stream is either resampled and rebuilt from (seed, step) at the start of
 the run and after every checkpoint, or (data.resampled=false) one seeded stream of exact epochs that a resumed
 run re-enters at the micro-batch where it stopped. Either way a resumed run sees the same batches and masks as
-one that never stopped.
+one that never stopped. On another layout (world size, workers, micro-batch) an exact-epoch stream continues
+with exactly the samples its epoch still owed (epochs.py).
 No host sync per step: losses and the first non-finite step are accumulated on the device and reduced only at
 log steps, stage ends and checkpoints.
 """
@@ -20,14 +21,15 @@ import torch
 from . import checkpoint as ckpt
 from .ckpt_safety import load_teacher_file
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
-from .data import build_train_loader, epoch_batches_per_rank, mix_seed, normalize
+from .data import build_train_loader, epoch_batches_per_rank, mix_seed, normalize, shard_counts
 from .dataset import Dataset, resolve_dataset
 from .distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, world_size_from_env
 from .guards import NonFiniteLoss, SkippedSteps, TooManySkippedSteps, where
+from .epochs import Geometry, StreamState
 from .engine import build_ds_config, full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
 from .metrics import MetricsLogger
 from .models import build_student
-from .objective import dbot_loss
+from .objective import loss_fn
 from .reshard import ensure_universal, load_universal
 from .stages import StagePlan, make_plan
 from .watchdog import Heartbeat
@@ -38,7 +40,10 @@ from .teacher_sources import external_teacher
 # Config keys a resumed run must share with its checkpoint (they change the model, batch or step -> stage map).
 RESUME_KEYS = ["model.img_size", "model.patch_size", "model.embed_dim", "model.depth", "model.num_heads",
                "model.mlp_ratio", "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads",
-               "model.mask_ratio", "teacher.init_depth", "teacher.final_norm", "teacher.source", "teacher.layer",
+               "model.mask_ratio", "model.student", "model.mask", "model.num_mask_patches",
+               "model.min_mask_patches_per_block", "model.layer_scale_init", "objective",
+               "teacher.init_depth", "teacher.final_norm", "teacher.source", "teacher.layer", "teacher.clip_target",
+               "teacher.input_size",
                "optim.global_batch",
                "optim.precision", "schedule", "data.num_samples", "run.seed"]
 
@@ -53,13 +58,26 @@ def check_resume(cfg: Config, meta: dict, world_size: int, zstage: int, tag: str
         lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
         raise ConfigError(f"checkpoint {tag} was written with a different config ({lines}). Restore those values, "
                           "or start a new run folder (run.out_dir=...) / pass --resume none after moving it away")
-    if saved["world_size"] != world_size and not cfg.data.resampled:
+    if not cfg.data.resampled and not saved.get("data_stream") and _geometry(cfg, world_size) != _saved_geometry(saved):
         raise ConfigError(
-            f"checkpoint {tag} was written by {saved['world_size']} ranks, this run has {world_size}: the exact-epoch "
-            "stream (data.resampled=false) splits each epoch between the ranks' readers, and its position cannot "
-            "be carried to another reader count yet. Resume on the same world size (the ZeRO stage may change), "
-            "or finish the epoch there first")
-    return _resume_plan(cfg, saved, tag, plan, dataset)
+            f"checkpoint {tag} predates per-reader data positions, so its exact-epoch stream (data.resampled=false) "
+            f"can only continue on the layout that wrote it: {saved['world_size']} ranks, data.num_workers="
+            f"{saved['config']['data']['num_workers']}, optim.micro_batch={saved['config']['optim']['micro_batch']}, "
+            f"data.shuffle_buffer={saved['config']['data']['shuffle_buffer']}")
+    return _resume_plan(cfg, saved, tag, plan, dataset, world_size)
+
+
+def _geometry(cfg: Config, world_size: int) -> Geometry:
+    d = cfg.data
+    return Geometry(world_size, d.num_workers, cfg.optim.micro_batch, d.shuffle_buffer)
+
+
+def _saved_geometry(saved: dict) -> Geometry:
+    """The data layout a checkpoint was written with (older checkpoints: from its config)."""
+    if saved.get("data_stream"):
+        return Geometry(*saved["data_stream"]["geometry"])
+    d, o = saved["config"]["data"], saved["config"]["optim"]
+    return Geometry(saved["world_size"], d["num_workers"], o["micro_batch"], d["shuffle_buffer"])
 
 
 def layout_changed(meta: dict, world_size: int, zstage: int) -> bool:
@@ -68,7 +86,7 @@ def layout_changed(meta: dict, world_size: int, zstage: int) -> bool:
     return (saved["world_size"], saved["zero_stage"]) != (world_size, zstage)
 
 
-def _resume_plan(cfg: Config, saved: dict, tag: str, plan: StagePlan, dataset: Dataset) -> StagePlan:
+def _resume_plan(cfg: Config, saved: dict, tag: str, plan: StagePlan, dataset: Dataset, world_size: int) -> StagePlan:
     """The step -> stage map must not move under a resumed run: a different dataset size (or loader geometry in
     exact-epoch mode) changes the stage lengths in steps, so the saved step could land in the wrong stage."""
     old_n, old_lengths = saved.get("dataset", {}).get("num_samples"), saved.get("plan_lengths")
@@ -77,7 +95,9 @@ def _resume_plan(cfg: Config, saved: dict, tag: str, plan: StagePlan, dataset: D
     plan_differs = old_lengths is not None and (tuple(old_lengths), old_warmup) != (plan.lengths, plan.warmup_steps)
     if not (size_differs or plan_differs):
         return plan
-    if cfg.run.keep_saved_plan:
+    # Exact epochs in steps depend on the reader layout (padding repeats): on a new layout the run keeps its clock.
+    layout_only = not size_differs and not cfg.data.resampled and _saved_geometry(saved) != _geometry(cfg, world_size)
+    if cfg.run.keep_saved_plan or layout_only:
         return dataclasses.replace(plan, lengths=tuple(old_lengths), warmup_steps=old_warmup)
     raise ConfigError(
         f"checkpoint {tag} was written for a dataset of {old_n} samples and a stage plan of {old_lengths} steps "
@@ -106,6 +126,7 @@ class Trainer:
             print(f"[dbot] {self.dataset.describe()}", flush=True)
         self.step, self.samples_seen = 0, 0
         self.skipped, self.skipped_base, self.skipped_total = 0, 0, 0   # this process's / at resume / all ranks
+        self.stream = StreamState.fresh(_geometry(cfg, self.world))      # exact epochs: the data position
         try:   # bad data settings fail here, before the engine is built: missing shards, too few shards
             self.plan: StagePlan = make_plan(cfg, self._steps_per_epoch())
             self._loader()
@@ -173,6 +194,8 @@ class Trainer:
             state = ckpt.read_meta(self.resume_dir, tag)["client_state"]
             teacher = load_teacher_file(self.resume_dir / tag / "teacher.pt", self.trust_checkpoint)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        if not cfg.data.resampled:
+            self._resume_stream(state)
         # Older checkpoints hold rank 0's own count under "skipped"; newer ones the total over ranks.
         self.skipped_base = self.skipped_total = state.get("skipped_total", state.get("skipped", 0))
         if external is None:
@@ -181,6 +204,20 @@ class Trainer:
         if self.rank == 0:
             print(f"[dbot] resumed from {self.resume_dir / tag} at step {self.step} ({where})", flush=True)
         self.resumed = {"tag": str(self.resume_dir / tag), "step": self.step}
+
+    def _resume_stream(self, state: dict) -> None:
+        """The exact-epoch stream position of the checkpoint, carried over if this run's reader layout differs."""
+        if state.get("data_stream"):
+            saved = StreamState.from_dict(state["data_stream"])
+        else:    # written before positions were recorded: same layout only (check_resume made sure)
+            saved = StreamState(self.stream.spec, self.stream.geometry, self.step * self.accum, None)
+        counts = shard_counts(self.pattern, self.dataset.manifest)
+        self.stream = saved.continued_on(self.stream.geometry, counts, self.cfg.run.seed)
+        if self.stream is not saved and self.rank == 0:
+            print(f"[dbot] exact-epoch stream moved from {saved.geometry.readers} readers "
+                  f"(micro-batch {saved.geometry.micro_batch}) to {self.stream.geometry.readers} "
+                  f"(micro-batch {self.stream.geometry.micro_batch}): the samples its epoch still owed are read "
+                  "once, then whole epochs follow", flush=True)
 
     def _dump_config(self) -> str | None:
         try:
@@ -230,11 +267,12 @@ class Trainer:
         for the run, positioned after the micro-batches this rank already consumed."""
         d = self.cfg.data
         seed, start = ((mix_seed(self.cfg.run.seed, self.step), 0) if d.resampled
-                       else (self.cfg.run.seed, self.step * self.accum))
+                       else (self.cfg.run.seed, self.stream.batches))
         return build_train_loader(self.pattern, img_size=self.cfg.model.img_size, micro_batch=self.cfg.optim.micro_batch,
                                   num_workers=d.num_workers, seed=seed, rank=self.rank, world_size=self.world,
                                   resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, start_batch=start,
-                                  manifest=self.dataset.manifest, stall_timeout_s=d.stall_timeout_s)
+                                  manifest=self.dataset.manifest, stall_timeout_s=d.stall_timeout_s,
+                                  spec=self.stream.spec)
 
     def _batches(self):
         """The current data iterator, built at the start, on resume, and (resampled) after each checkpoint."""
@@ -247,14 +285,15 @@ class Trainer:
         set_lr(self.engine, self.plan.lr(self.step))
         for micro in range(self.accum):
             t0 = time.perf_counter()
-            images, skipped = next(self._batches())
-            self.skipped += skipped
+            images, info = next(self._batches())
+            self.skipped += info.skipped
+            self.stream.consumed(info.reader, info.unit, info.drawn)
             self.data_wait_s += time.perf_counter() - t0
             x = normalize(images.to(self.device, non_blocking=True), self.dtype)
             torch.manual_seed(mix_seed(self.cfg.run.seed, self.step, micro, self.rank))
             target = self.teacher(x)
             pred, mask = self.engine(x)
-            loss = dbot_loss(pred, target, mask)
+            loss = loss_fn(self.cfg)(pred, target, mask)      # objective.loss
             self.engine.backward(loss)
             self.engine.step()
             loss = loss.detach()
@@ -320,6 +359,8 @@ class Trainer:
         written; a write that fails anyway removes its partial tag, so `latest` stays on the previous one."""
         need = self._checkpoint_bytes()
         raise_together(probe_writable(self.ckpt_dir, need))
+        if not self.cfg.data.resampled:
+            self._merge_stream_positions()
         try:
             tag = ckpt.save(self.engine, self.teacher, self.ckpt_dir, self.step, self.client_state(), stage_end,
                             self.cfg.run.keep_last)
@@ -333,6 +374,13 @@ class Trainer:
         if self.cfg.data.resampled:
             self.data_iter = None    # the stream restarts from (seed, step): resume sees the same batches
         self._reset_window()
+
+    def _merge_stream_positions(self) -> None:
+        """Every rank's view of its own readers' positions, combined (a collective), for the checkpoint."""
+        positions = torch.zeros(self.stream.geometry.readers, 2, dtype=torch.long, device=self.device)
+        own = self.stream.own_readers(self.rank)
+        positions[own.start:own.stop] = torch.tensor(self.stream.positions[own.start:own.stop], dtype=torch.long)
+        self.stream.positions = all_reduce_sum(positions).tolist()
 
     def _checkpoint_bytes(self) -> int:
         """Bytes the next checkpoint needs: the size of the newest one, or before the first an estimate of bf16
@@ -353,4 +401,5 @@ class Trainer:
                 "plan_warmup_steps": self.plan.warmup_steps,
                 "dataset": {"pattern": self.dataset.pattern, "num_shards": self.dataset.num_shards,
                             "num_samples": self.dataset.num_samples},
+                "data_stream": None if self.cfg.data.resampled else self.stream.to_dict(),
                 "config": self.cfg.to_dict()}

@@ -189,7 +189,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, synth, caplog, monkeypatc
     assert skipped_samples() - before >= 10  # bad.tar is drawn many times, 3 skips each
     assert len([r for r in caplog.records if r.name == "dbot_ds.data"]) == 1  # rate-limited: one per 10 s
     # With worker processes the counter lives in the workers: the counts travel with the batches.
-    counted = sum(n for _, n in itertools.islice(iter(loader(f"{tmp_path}/bad.tar", micro_batch=4, num_workers=2)), 10))
+    counted = sum(n.skipped for _, n in itertools.islice(iter(loader(f"{tmp_path}/bad.tar", micro_batch=4, num_workers=2)), 10))
     assert counted >= 10
     with tarfile.open(tmp_path / "cut.tar", "r|") as tf, pytest.raises(tarfile.ReadError):
         for member in tf:  # sanity: the cut tar really is broken for a streaming reader like webdataset

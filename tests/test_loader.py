@@ -11,6 +11,7 @@ import itertools
 import json
 import multiprocessing
 import signal
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from dbot_ds.data import build_train_loader, epoch_batches_per_rank, epoch_geometry, reader_ranges, shard_counts
+from dbot_ds.epochs import Geometry, StreamState
 
 COUNTS = [7, 13, 10, 9, 11, 10]          # 60 samples in 6 shards of unequal size
 
@@ -107,7 +109,7 @@ def test_reads_webdataset_shardwriter_and_img2dataset_style_shards(tmp_path):
             sink.write({"__key__": f"{i:09d}", "jpg": colour_jpeg(i), "txt": f"caption {i}",
                         "json": json.dumps({"url": f"http://x/{i}.jpg", "width": 40}).encode()})
     got = take(str(tmp_path / "00000.tar"), 5)
-    assert set(sum((ids_of(x) for x, _ in got), [])) <= set(range(9)) and all(n == 0 for _, n in got)
+    assert set(sum((ids_of(x) for x, _ in got), [])) <= set(range(9)) and all(n.skipped == 0 for _, n in got)
 
 
 def test_pipe_source(tmp_path):
@@ -130,7 +132,7 @@ def test_corrupt_samples_are_skipped_and_counted_exactly(tmp_path):
     pattern = write_shards(tmp_path / "d", extra=bad)
     per_epoch = epoch_batches_per_rank(60, 1, 0, 4)          # 15 batches: 60 images incl. 3 repeats
     got = take(pattern, 2 * per_epoch, resampled=False)
-    assert sum(n for _, n in got) == 2 * len(bad)           # each bad sample counted once per epoch
+    assert sum(n.skipped for _, n in got) == 2 * len(bad)           # each bad sample counted once per epoch
     for epoch in (got[:per_epoch], got[per_epoch:]):
         ids = sum((ids_of(x) for x, _ in epoch), [])
         assert len(ids) == 60 and set(ids) == set(range(60)) - set(bad)
@@ -141,7 +143,7 @@ def test_unreachable_shard_is_skipped_and_training_goes_on(tmp_path):
     good = [f"pipe:cat {tmp_path}/d/part-{s:03d}.tar" for s in range(6)]
     mixed = "::".join(good[:3] + [f"pipe:cat {tmp_path}/d/missing.tar"] + good[4:])
     got = take(mixed, 40)                                    # resampled: the missing shard is drawn and skipped
-    assert len(got) == 40 and sum(n for _, n in got) >= 1
+    assert len(got) == 40 and sum(n.skipped for _, n in got) >= 1
     assert not set(sum((ids_of(x) for x, _ in got), [])) & set(range(30, 39))   # part-003 holds ids 30..38
     assert pattern
 
@@ -207,3 +209,60 @@ def test_two_ranks_two_workers_exact_epochs_and_resume(tmp_path):
     assert epoch0 != epoch1                                  # a new shard and sample order each epoch
     for rank in (0, 1):                                      # resume after 5 batches continues exactly
         assert resumed[rank] == first[rank][5:5 + per_epoch]
+
+
+# ------------------------------------------------------------- exact epochs carried to another layout
+
+def stream_batches(pattern: str, geom: Geometry, spec: dict, start: int, n: int) -> list[list[tuple]]:
+    """Each rank's next `n` batches as (sample ids, BatchInfo), all ranks in this process (no loader workers)."""
+    out = []
+    for rank in range(geom.world_size):
+        loader = build_train_loader(pattern, img_size=16, micro_batch=geom.micro_batch, num_workers=0, seed=3,
+                                    rank=rank, world_size=geom.world_size, resampled=False,
+                                    shuffle_buffer=geom.shuffle_buffer, start_batch=start, spec=spec)
+        with deadline(60):
+            out.append([(ids_of(x), info) for x, info in itertools.islice(iter(loader), n)])
+    return out
+
+
+@pytest.mark.parametrize("old,new", [((2, 4), (1, 4)), ((1, 4), (3, 4)), ((2, 4), (2, 2)), ((3, 2), (2, 4))])
+def test_epoch_continues_on_another_layout_without_repeats_or_gaps(tmp_path, old, new):
+    """Stop mid-epoch on one (ranks, micro-batch) layout, carry the position over to another, twice in a row:
+    the samples consumed before plus the block the new layout reads are every sample of the epoch exactly once
+    (plus only the new layout's own padding repeats), and the next epoch is whole."""
+    pattern = write_shards(tmp_path / "d")
+    counts = shard_counts(pattern)
+    g1 = Geometry(old[0], 0, old[1], 8)
+    state = StreamState.fresh(g1)
+    before = stream_batches(pattern, g1, state.spec, 0, 3)
+    for rank in before:
+        for _, info in rank:
+            state.positions[info.reader] = [info.unit, info.drawn]
+    seen = Counter(i for rank in before for ids, _ in rank for i in ids)
+    assert max(seen.values()) == 1 and sum(seen.values()) == 3 * old[1] * old[0]
+
+    g2 = Geometry(new[0], 0, new[1], 8)
+    resumed = state.continued_on(g2, counts, seed=3)
+    assert resumed.spec["block"] is not None and resumed.spec["first_epoch"] == 1
+    block_len = 60 - sum(seen.values())
+    per_rank = g2.quota(block_len) // new[1]
+    after = stream_batches(pattern, g2, resumed.spec, 0, per_rank + epoch_batches_per_rank(60, new[0], 0, new[1]))
+    block = Counter(i for rank in after for ids, info in rank[:per_rank] for i in ids)
+    assert all(info.unit == 0 for rank in after for _, info in rank[:per_rank])
+    assert set(block) | set(seen) == set(range(60)) and not set(block) & set(seen)      # no gap, no repeat
+    assert sum(block.values()) - block_len == g2.readers * g2.quota(block_len) - block_len < g2.readers * new[1]
+    epoch1 = Counter(i for rank in after for ids, info in rank[per_rank:] for i in ids)
+    assert set(epoch1) == set(range(60)) and all(info.unit == 1 for rank in after for _, info in rank[per_rank:])
+
+    # Stopped again inside the block, the block's remainder carries over the same way (a chain of two).
+    state2 = StreamState.fresh(g2, resumed.spec)
+    for rank in after:
+        for _, info in rank[:1]:
+            state2.positions[info.reader] = [info.unit, info.drawn]
+    in_block = Counter(i for rank in after for ids, _ in rank[:1] for i in ids)
+    again = state2.continued_on(g1, counts, seed=3)
+    rest = g1.quota(block_len - sum(in_block.values()))
+    tail = stream_batches(pattern, g1, again.spec, 0, rest // old[1])
+    tail_ids = Counter(i for rank in tail for ids, _ in rank for i in ids)
+    assert set(tail_ids) | set(in_block) | set(seen) == set(range(60))
+    assert not set(tail_ids) & (set(in_block) | set(seen))

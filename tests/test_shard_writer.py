@@ -211,5 +211,5 @@ def test_project_loader_reads_the_shards(converted):
     loader = build_train_loader(pattern, img_size=32, micro_batch=4, num_workers=0, seed=0, rank=0, world_size=1)
     batches = list(itertools.islice(iter(loader), 5))  # 20 samples > 15: the stream goes on
     for images, n_skipped in batches:
-        assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32) and n_skipped == 0
+        assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32) and n_skipped.skipped == 0
     assert torch.stack([b for b, _ in batches]).float().std() > 10

@@ -143,7 +143,7 @@ def test_good_http_and_pipe_shards_read_exactly_like_local_ones(http_folder, fre
     via_pipe = take("::".join(f"pipe:cat {folder}/part-{s:03d}.tar" for s in range(6)), 15, resampled=False,
                     manifest=manifest, stall_timeout_s=STALL_S)
     assert [ids_of(x) for x, _ in via_http] == local and [ids_of(x) for x, _ in via_pipe] == local
-    assert sum(n for _, n in via_http + via_pipe) == 0
+    assert sum(n.skipped for _, n in via_http + via_pipe) == 0
     assert readers_left(base.rsplit(":", 1)[1] + "/") == []
 
 
