@@ -81,8 +81,14 @@ class TeacherConfig:
     clip_target: str = "hidden"        # hf_clip: hidden = hidden state `teacher.layer` (before ln_post, unprojected);
                                        # post_norm_proj = every token through ln_post + the visual projection
                                        # (reference --post_patch_norm True; needs a folder holding visual_projection)
-    input_size: int = 0                # hf_clip: pixels the teacher reads (bicubic resize of the student's input);
-                                       # 0 = model.img_size. E.g. 196 for a /14 teacher beside a /16 student
+    input_size: int = 0                # vit / hf_clip: pixels the teacher reads (bicubic resize of the student's
+                                       # input) so its token grid equals the student's; 0 = model.img_size. E.g. 196
+                                       # for a /14 teacher beside a /16 student, 256 for a /16 teacher beside a /14 one
+    precision: str = "bf16"            # with optim.precision=bf16: bf16 = bf16 weights, bf16 residual stream;
+                                       # fp32 = fp32 weights under bf16 autocast (bf16 matmuls, fp32 residual stream,
+                                       # as the reference's fp32 weights under fp16 autocast). bf16: on ViT-B the
+                                       # bf16 targets keep a per-token cosine of 0.9999+ to fp32 ones (BENCHMARKS.md,
+                                       # "Numerics"), for half the memory. optim.precision=fp32: the teacher is fp32
 
 
 @dataclass
@@ -106,6 +112,12 @@ class OptimConfig:
     eps: float = 1e-8                  # AdamW epsilon (the CLIP recipe uses 1e-6)
     clip_grad: float = 0.0             # max global grad norm; 0 = no clipping
     precision: str = "bf16"            # "bf16" or "fp32"
+    grad_reduce_dtype: str = "fp32"    # dtype of the data-parallel gradient reduction (DeepSpeed communication_data_type):
+                                       # bf16 | fp32 (optim.precision=fp32 always reduces in fp32). fp32 by default,
+                                       # as the reference's DDP all-reduce: measured on ViT-B (BENCHMARKS.md,
+                                       # "Numerics"), a bf16 ring adds 0.30% relative error at 8 ranks and 1.06% at
+                                       # 32 (fp32: only the 0.19% of storing the result in bf16), about the sampling
+                                       # noise of a 4096-image batch; bf16 halves the reduction's bytes
     skip_nonfinite_steps: bool = True  # ZeRO-1/2 + bf16: DeepSpeed checks grads for inf/NaN and skips such steps
                                        # (bf16.check_grad_overflow; ZeRO-3 always does); false: no check, and a
                                        # non-finite gradient poisons the weights (caught as a non-finite loss)
@@ -129,6 +141,15 @@ class DataConfig:
     shuffle_buffer: int = 1000
     synthetic_num: int = 0             # >0: generate this many synthetic images into `shards`' folder if missing
     stall_timeout_s: float = 30.0      # a remote shard (http, pipe:) that sends no byte this long fails (skipped)
+    open_shards: int = 16              # shards each loader worker reads at once, interleaved before the shuffle
+                                       # buffer, so shards of one class each still give class-mixed batches
+    # Augmentation; defaults: the bootstrapped recipe. The CLIP recipe (reference beit branch): crop_scale
+    # [0.4, 1.0] and color_jitter 0.4.
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])   # RandomResizedCrop area [min, max]
+    hflip: bool = True                 # random horizontal flip (p 0.5)
+    interpolation: str = "bicubic"     # the crop's resize: bicubic or bilinear
+    color_jitter: float = 0.0          # ColorJitter brightness = contrast = saturation = this (hue 0), applied to
+                                       # the whole image before the crop as the reference does; 0 = off
 
 
 @dataclass
@@ -375,6 +396,7 @@ def validate(cfg: Config) -> None:
     grad_accum_steps(cfg, 1)          # global a multiple of micro; the error lists micro-batch sizes that work
     if o.max_skipped_in_row < 0 or not 0.0 <= o.max_skipped_frac <= 1.0:
         raise ConfigError("optim.max_skipped_in_row must be >= 0 and optim.max_skipped_frac in [0, 1] (0 disables each)")
+    _validate_data(cfg.data)
     if cfg.run.collective_timeout_s < 10:
         raise ConfigError("run.collective_timeout_s must be >= 10 seconds")
     if cfg.run.log_every <= 0 or cfg.run.save_every <= 0:
@@ -405,10 +427,29 @@ def _validate_recipe(cfg: Config) -> None:
                           "vit) and teacher.weights; bootstrapped teachers are built for the asymmetric student only")
     if m.layer_scale_init < 0:
         raise ConfigError("model.layer_scale_init must be >= 0 (0 = no layer scale)")
-    if (t.clip_target != "hidden" or t.input_size) and t.source != "hf_clip":
-        raise ConfigError("teacher.clip_target and teacher.input_size apply to teacher.source=hf_clip only")
+    if t.clip_target != "hidden" and t.source != "hf_clip":
+        raise ConfigError("teacher.clip_target applies to teacher.source=hf_clip only")
+    if t.input_size and t.source == "bootstrap":
+        raise ConfigError("teacher.input_size applies to teachers from other weights (teacher.source=vit or hf_clip); "
+                          "a bootstrapped teacher is the student's own encoder and reads model.img_size")
     if t.input_size < 0:
         raise ConfigError("teacher.input_size must be >= 0 (0 = model.img_size)")
+    for key, value in (("teacher.precision", t.precision), ("optim.grad_reduce_dtype", cfg.optim.grad_reduce_dtype)):
+        if value not in ("bf16", "fp32"):
+            raise ConfigError(f"{key} must be bf16 or fp32, got '{value}'")
+
+
+def _validate_data(d: DataConfig) -> None:
+    """Augmentation ranges and the loader's shard interleave."""
+    if len(d.crop_scale) != 2 or not 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0:
+        raise ConfigError(f"data.crop_scale must be [min, max] area fractions with 0 < min <= max <= 1 (e.g. "
+                          f"[0.2, 1.0]), got {d.crop_scale}")
+    if d.interpolation not in ("bicubic", "bilinear"):
+        raise ConfigError(f"data.interpolation must be bicubic or bilinear, got '{d.interpolation}'")
+    if not 0.0 <= d.color_jitter <= 1.0:
+        raise ConfigError(f"data.color_jitter must be in [0, 1] (0 = off; the CLIP recipe uses 0.4), got {d.color_jitter}")
+    if d.open_shards < 1:
+        raise ConfigError(f"data.open_shards must be >= 1 (1 = one shard after another), got {d.open_shards}")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

@@ -38,7 +38,8 @@ from webdataset.gopen import Pipe, gopen, rewrite_url
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from torchvision.transforms import v2
 
-from .epochs import Geometry, Piece, Unit, block_units, epoch_units, mix_seed, new_spec, shuffled, slice_pieces
+from .epochs import DEFAULT_OPEN_SHARDS, Geometry, Piece, Unit, block_units, epoch_units, interleaved, mix_seed
+from .epochs import new_spec, shard_runs, shuffled, slice_pieces
 from .epochs import epoch_batches_per_rank, epoch_geometry, reader_ranges  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
@@ -377,20 +378,47 @@ def _load_rgb(data: bytes, min_side: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
 
 
+INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
+
+
+class Augment(NamedTuple):
+    """The training augmentation (config keys data.crop_scale, data.hflip, data.interpolation, data.color_jitter).
+    Defaults: the bootstrapped recipe. The CLIP recipe (reference `beit` branch) uses crop_scale (0.4, 1.0) and
+    color_jitter 0.4."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)   # RandomResizedCrop area range, fractions of the image
+    hflip: bool = True                             # random horizontal flip, p = 0.5
+    interpolation: str = "bicubic"                 # of the crop's resize: bicubic or bilinear
+    color_jitter: float = 0.0                      # ColorJitter(b, c, s = this, hue 0) before the crop; 0 = off
+
+    def check(self) -> Augment:
+        lo, hi = (float(x) for x in self.crop_scale)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if not 0.0 <= self.color_jitter <= 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1] (0 = off), got {self.color_jitter}")
+        return self._replace(crop_scale=(lo, hi))
+
+
 class _Decoder:
-    """Raw sample -> augmented uint8 [3, S, S] (RandomResizedCrop bicubic + flip), or None if unreadable.
+    """Raw sample -> augmented uint8 [3, S, S], or None if unreadable: ColorJitter (if on) on the whole image as
+    the reference applies it, then RandomResizedCrop, then the flip (crop and flip commute in distribution).
 
     Each image's augmentation is seeded by its own integer, so a stream can skip ahead (resume) without
     replaying the RNG, and the caller's global torch RNG is left as it was."""
 
-    def __init__(self, img_size: int, crop_scale: tuple[float, float]):
-        self.augment = v2.Compose([
-            v2.RandomResizedCrop(img_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
-            v2.RandomHorizontalFlip(),
-        ])
+    def __init__(self, img_size: int, augment: Augment = Augment()):
+        augment = augment.check()
+        steps = [v2.ColorJitter(*(augment.color_jitter,) * 3)] if augment.color_jitter else []
+        steps.append(v2.RandomResizedCrop(img_size, scale=augment.crop_scale,
+                                          interpolation=INTERPOLATIONS[augment.interpolation]))
+        if augment.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.augment = v2.Compose(steps)
         # The smallest crop (min scale, aspect 3/4) spans sqrt(0.75 * scale) of the short side; decoding the
         # JPEG at no less than img_size / that keeps every crop at full output resolution.
-        self.draft_side = int(img_size / (0.75 * crop_scale[0]) ** 0.5) + 1
+        self.draft_side = int(img_size / (0.75 * augment.crop_scale[0]) ** 0.5) + 1
 
     def image_bytes(self, sample: dict, count: bool) -> bytes | None:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -426,39 +454,34 @@ class _Decoder:
 # ----------------------------------------------------------------------------------------- the readers
 
 def _resampled_images(shards: list[str], decode: _Decoder, *, seed: int, reader: int, shuffle_buffer: int,
-                      stall_s: float = DEFAULT_STALL_TIMEOUT_S):
-    """Endless images: shards drawn with replacement by a per-reader RNG, samples shuffled in a buffer."""
+                      stall_s: float = DEFAULT_STALL_TIMEOUT_S, open_shards: int = DEFAULT_OPEN_SHARDS):
+    """Endless images: shards drawn with replacement by a per-reader RNG, `open_shards` of them read at once
+    (interleaved, so shards of one class each still mix), samples shuffled in a buffer."""
     rng = random.Random(mix_seed(seed, reader, _SHARD_STREAM))
-
-    def raw() -> Iterator[dict]:
-        while True:
-            yield from _raw_samples(rng.choice(shards), stall_s=stall_s)
-
+    draws = (_raw_samples(rng.choice(shards), stall_s=stall_s) for _ in itertools.count())
     index = 0
-    for sample in shuffled(raw(), shuffle_buffer, mix_seed(seed, reader, _SHUFFLE_STREAM)):
+    for sample in shuffled(interleaved(draws, open_shards), shuffle_buffer, mix_seed(seed, reader, _SHUFFLE_STREAM)):
         image = decode(sample, mix_seed(seed, reader, _AUGMENT_STREAM, index))
         if image is not None:
             index += 1
             yield image
 
 
-def _read_pieces(shards: list[str], pieces: list[Piece], count: bool, stall_s: float) -> Iterator[dict]:
-    """The samples of `pieces` in order. Consecutive pieces of one shard are read in one pass over it, so a block
-    of scattered leftovers costs one read per shard, not one per piece."""
-    for shard, group in itertools.groupby(pieces, key=lambda p: p[0]):
-        group = list(group)
-        runs = [group[:1]]
-        for p in group[1:]:                      # a piece that goes backwards starts a new pass
-            (runs[-1].append(p) if p[1] >= runs[-1][-1][2] else runs.append([p]))
-        for run in runs:
-            lo, hi = run[0][1], run[-1][2]
-            keep = None if len(run) == 1 else frozenset(i for _, a, b in run for i in range(a, b))
-            yield from _raw_samples(shards[shard], lo, hi, count=count, stall_s=stall_s, keep=keep)
+def _read_pieces(shards: list[str], pieces: list[Piece], count: bool, stall_s: float, open_shards: int
+                 ) -> Iterator[dict]:
+    """The samples of `pieces`, one pass over a shard per run of its pieces (epochs.shard_runs), `open_shards`
+    runs read at once and interleaved: the order epochs.feed_order replays."""
+    def run_samples(run: list[Piece]) -> Iterator[dict]:
+        lo, hi = run[0][1], run[-1][2]
+        keep = None if len(run) == 1 else frozenset(i for _, a, b in run for i in range(a, b))
+        return _raw_samples(shards[run[0][0]], lo, hi, count=count, stall_s=stall_s, keep=keep)
+
+    return interleaved((run_samples(run) for run in shard_runs(pieces)), open_shards)
 
 
 def _unit_images(shards: list[str], unit: Unit, decode: _Decoder, *, seed: int, reader: int, readers: int,
-                 per_reader: int, skip: int, shuffle_buffer: int, stall_s: float = DEFAULT_STALL_TIMEOUT_S
-                 ) -> Iterator[tuple[torch.Tensor, int]]:
+                 per_reader: int, skip: int, shuffle_buffer: int, stall_s: float = DEFAULT_STALL_TIMEOUT_S,
+                 open_shards: int = DEFAULT_OPEN_SHARDS) -> Iterator[tuple[torch.Tensor, int]]:
     """Exactly `per_reader` (image, drawn) of one unit (an epoch or a block, see epochs.py) for one reader, the
     first `skip` images only validated (resume). `drawn`: samples the shuffle buffer has handed out so far.
 
@@ -484,9 +507,9 @@ def _unit_images(shards: list[str], unit: Unit, decode: _Decoder, *, seed: int, 
                 yield ok, drawn
 
     def slice_samples(r: int, count: bool) -> Iterator[dict]:
-        return _read_pieces(shards, slice_pieces(unit.pieces, r, readers), count, stall_s)
+        return _read_pieces(shards, slice_pieces(unit.pieces, r, readers), count, stall_s, open_shards)
 
-    yield from emit(shuffled(_read_pieces(shards, own, True, stall_s), shuffle_buffer,
+    yield from emit(shuffled(_read_pieces(shards, own, True, stall_s, open_shards), shuffle_buffer,
                              unit.shuffle_seed(seed, reader)), True, True)
     drawn = sum(b - a for _, a, b in own)     # pass 1 is over: the whole slice counts as drawn
     for attempt in range(readers):          # padding passes: own slice first, then the next slices
@@ -514,13 +537,14 @@ class _Stream(torch.utils.data.IterableDataset):
     """One rank's stream; in each DataLoader worker it runs that worker's reader and batches inside it."""
 
     def __init__(self, pattern: str, shards: list[str], *, img_size: int, micro_batch: int, seed: int, rank: int,
-                 world_size: int, shuffle_buffer: int, crop_scale: tuple[float, float], start_batch: int,
-                 stall_s: float, counts: list[int] | None = None, spec: dict | None = None,
+                 world_size: int, shuffle_buffer: int, augment: Augment, start_batch: int, stall_s: float,
+                 open_shards: int, counts: list[int] | None = None, spec: dict | None = None,
                  block: list[Unit] | None = None):
         self.pattern, self.shards, self.counts, self.spec, self.block = pattern, shards, counts, spec, block
         self.micro_batch, self.seed, self.rank, self.world_size = micro_batch, seed, rank, world_size
         self.shuffle_buffer, self.start_batch, self.stall_s = shuffle_buffer, start_batch, stall_s
-        self.decode = _Decoder(img_size, tuple(crop_scale))
+        self.open_shards = open_shards
+        self.decode = _Decoder(img_size, augment)
 
     def _units(self) -> Iterator[Unit]:
         return itertools.chain(self.block, epoch_units(self.spec["first_epoch"], self.counts, self.seed))
@@ -534,10 +558,11 @@ class _Stream(torch.utils.data.IterableDataset):
         reader = self.rank * workers + worker
         if self.spec is None:
             for image in _resampled_images(self.shards, self.decode, seed=self.seed, reader=reader,
-                                           shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s):
+                                           shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s,
+                                           open_shards=self.open_shards):
                 yield image, (reader, 0, 0)
             return
-        geom = Geometry(self.world_size, workers, self.micro_batch, self.shuffle_buffer)
+        geom = Geometry(self.world_size, workers, self.micro_batch, self.shuffle_buffer, self.open_shards)
         done = (self.start_batch // workers + (1 if worker < self.start_batch % workers else 0)) * self.micro_batch
         for index, unit in enumerate(self._units()):
             quota = geom.quota(unit.samples)
@@ -546,7 +571,8 @@ class _Stream(torch.utils.data.IterableDataset):
                 continue
             for image, drawn in _unit_images(self.shards, unit, self.decode, seed=self.seed, reader=reader,
                                              readers=geom.readers, per_reader=quota, skip=done,
-                                             shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s):
+                                             shuffle_buffer=self.shuffle_buffer, stall_s=self.stall_s,
+                                             open_shards=self.open_shards):
                 yield image, (reader, index, drawn)
             done = 0
 
@@ -579,9 +605,9 @@ def _with_skip_counts(batches: Iterator[tuple[torch.Tensor, tuple]]) -> Iterator
 
 def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_workers: int, seed: int,
                        rank: int, world_size: int, resampled: bool = True, shuffle_buffer: int = 1000,
-                       crop_scale: tuple[float, float] = (0.2, 1.0), start_batch: int = 0,
-                       manifest: str | None = None, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
-                       spec: dict | None = None) -> torch.utils.data.DataLoader:
+                       augment: Augment = Augment(), start_batch: int = 0, manifest: str | None = None,
+                       stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S, spec: dict | None = None,
+                       open_shards: int = DEFAULT_OPEN_SHARDS) -> torch.utils.data.DataLoader:
     """INFINITE iterable of (uint8 image batch [micro_batch, 3, img_size, img_size] (CPU, pinned if CUDA),
     BatchInfo: samples skipped as unreadable since the producing worker's previous batch, reader position).
 
@@ -593,9 +619,15 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
 
     stall_timeout_s: a remote shard (http(s), `pipe:`, ...) that sends no byte for this many seconds is skipped
     as failed; `_MAX_CONSECUTIVE_STALLS` stalled shards in a row fail the stream with an error naming `pattern`.
+    augment: crop scale, flip, interpolation, colour jitter (see :class:`Augment`).
+    open_shards: shards (runs of one shard's samples) each reader reads at once, interleaved before the shuffle
+    buffer, so that shards holding one class each still give class-mixed batches; 1 = one after another. In
+    exact-epoch mode it is part of the reader layout (epochs.Geometry), which a resume replays.
     """
     if not stall_timeout_s > 0:
         raise ValueError(f"data.stall_timeout_s must be > 0 seconds, got {stall_timeout_s}")
+    if open_shards < 1:
+        raise ValueError(f"data.open_shards must be >= 1, got {open_shards}")
     shards = expand_shards(pattern)
     counts, block = None, None
     if not resampled:
@@ -609,8 +641,8 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
         spec = spec or new_spec()
         block = block_units(spec, counts, seed)        # computed once here, not in every worker
     stream = _Stream(pattern, shards, img_size=img_size, micro_batch=micro_batch, seed=seed, rank=rank,
-                     world_size=world_size, shuffle_buffer=shuffle_buffer, crop_scale=crop_scale,
-                     start_batch=start_batch, stall_s=stall_timeout_s, counts=counts,
+                     world_size=world_size, shuffle_buffer=shuffle_buffer, augment=augment.check(),
+                     start_batch=start_batch, stall_s=stall_timeout_s, open_shards=open_shards, counts=counts,
                      spec=None if resampled else spec, block=block)
     return torch.utils.data.DataLoader(
         stream,

@@ -26,7 +26,7 @@ from .models import param_groups
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 # Keys the project config owns; a DeepSpeed JSON that sets them would be a second source of truth.
 PROJECT_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler", "communication_data_type")
 
 
 def resolve_ds_json(name_or_path: str) -> Path:
@@ -53,7 +53,7 @@ def load_ds_json(name_or_path: str) -> dict:
     owned = [k for k in PROJECT_OWNED if k in ds]
     if owned:
         raise ConfigError(f"{path} sets {owned}: these come from the project config (optim.global_batch, "
-                          "optim.micro_batch, optim.clip_grad, optim.precision, optim.*); remove them from the JSON")
+                          "optim.micro_batch, optim.clip_grad, optim.precision, optim.grad_reduce_dtype, optim.*); remove them from the JSON")
     return ds
 
 
@@ -64,7 +64,11 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     ds.update(train_batch_size=o.global_batch, train_micro_batch_size_per_gpu=o.micro_batch,
               gradient_accumulation_steps=grad_accum_steps(cfg, world_size),
               gradient_clipping=o.clip_grad,
-              bf16={"enabled": o.precision == "bf16", "check_grad_overflow": o.skip_nonfinite_steps})
+              bf16={"enabled": o.precision == "bf16", "check_grad_overflow": o.skip_nonfinite_steps},
+              # The dtype DeepSpeed reduces gradients in across data-parallel ranks (ZeRO-1/2: the all-reduce /
+              # reduce-scatter of each gradient bucket, which is cast to it and, after the reduction, copied back
+              # into the bf16 gradient buffer; ZeRO-3: its reduce-scatter). Unset, DeepSpeed uses the model dtype.
+              communication_data_type="fp32" if o.precision == "fp32" else o.grad_reduce_dtype)
     # DeepSpeed's throughput timer is on by default and, with no dataloader passed to initialize (ours),
     # synchronises the device twice per micro-step. Our own metrics time the steps; keep it off unless asked.
     ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)

@@ -8,22 +8,28 @@ when it resumed on another layout), then the full epochs first_epoch, first_epoc
 Q = micro_batch x ceil(ceil(T / R) / micro_batch) images of a unit of T samples, so every rank gets the same
 number of whole batches; the last few are repeats from the reader's own slice (fewer than R x micro_batch a unit).
 
+Each reader feeds its buffer from up to `open_shards` of its slice's shards at once, one sample from each in
+turn (:func:`interleaved`), so that shards written one class each still give class-mixed batches. That order is a
+fixed function of the slice (:func:`feed_order`), which the replay below relies on.
+
 A reader's position is (unit, drawn): how many samples its shuffle buffer has handed out in that unit, readable
 or not. The buffer's output order depends only on its seed and its number of inputs, so the positions alone say
 which samples were consumed, without reading a shard. :func:`carry_over` turns them into a block of exactly the
 samples still owed, which the readers of the new layout share: no sample of the interrupted epoch is repeated or
 lost because the reader count changed. (A tar member too broken to parse is dropped before the buffer and shifts
-the replay by one within its reader's slice; such members are logged as skipped samples.)
+the replay within its reader's slice; such members are logged as skipped samples.)
 
 Specs are plain JSON (they live in the checkpoint's client state):
-    {"first_epoch": e, "block": null | {"from": <older spec>, "geometry": [world, workers, micro_batch, buffer],
+    {"first_epoch": e, "block": null | {"from": <older spec>,
+                                          "geometry": [world, workers, micro_batch, buffer, open_shards],
                                           "positions": [[unit, drawn] per old reader]}}
+(A geometry of 4 numbers predates `open_shards` and means 1: shards read one after another.)
 """
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +37,7 @@ import webdataset as wds
 
 Piece = tuple[int, int, int]        # (shard index, first sample, end sample): samples [first, end) of one shard
 _BLOCK = 0xB10C                     # seed domain of blocks, apart from the epoch numbers
+DEFAULT_OPEN_SHARDS = 16            # shards each reader reads at once (data.open_shards)
 
 
 def mix_seed(*ints: int) -> int:
@@ -46,6 +53,35 @@ def shuffled(items: Iterator, bufsize: int, seed: int) -> Iterator:
     return wds.shuffle(bufsize, initial=bufsize, rng=random.Random(seed))(items)
 
 
+def interleaved(streams: Iterable[Iterable], width: int) -> Iterator:
+    """One item from each of up to `width` open streams in turn; an exhausted stream's slot takes the next one.
+
+    The order depends only on the streams' lengths, so a reader (tar samples) and the replay (sample ids) agree.
+    A stream is opened (first pulled) only when it gets a slot, and the open ones are closed if the consumer
+    stops early, so no shard reader outlives its use."""
+    pending = iter(streams)
+    slots = [iter(s) for s in itertools.islice(pending, max(width, 1))]
+    i = 0
+    try:
+        while slots:
+            i %= len(slots)
+            try:
+                item = next(slots[i])
+            except StopIteration:
+                fresh = next(pending, None)
+                if fresh is None:
+                    del slots[i]
+                else:
+                    slots[i] = iter(fresh)
+                continue
+            yield item
+            i += 1
+    finally:
+        for s in slots:
+            if hasattr(s, "close"):
+                s.close()
+
+
 # ------------------------------------------------------------------------------------------ geometry
 
 @dataclass(frozen=True)
@@ -55,6 +91,12 @@ class Geometry:
     workers: int
     micro_batch: int
     shuffle_buffer: int
+    open_shards: int = DEFAULT_OPEN_SHARDS
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> Geometry:
+        """As stored in specs and checkpoints; 4 numbers predate open_shards, when readers read 1 shard at a time."""
+        return cls(*values) if len(values) == 5 else cls(*values, open_shards=1)
 
     @property
     def readers(self) -> int:
@@ -66,7 +108,7 @@ class Geometry:
         return self.micro_batch * -(-per_reader // self.micro_batch)
 
     def as_list(self) -> list[int]:
-        return [self.world_size, self.workers, self.micro_batch, self.shuffle_buffer]
+        return [self.world_size, self.workers, self.micro_batch, self.shuffle_buffer, self.open_shards]
 
 
 def epoch_geometry(num_samples: int, world_size: int, num_workers: int, micro_batch: int) -> tuple[int, int]:
@@ -106,6 +148,25 @@ def slice_pieces(pieces: list[Piece], reader: int, readers: int) -> list[Piece]:
 def reader_ranges(counts: list[int], reader: int, readers: int) -> list[Piece]:
     """(index into counts, first, end) pieces of reader's share of shards taken whole in the given order."""
     return slice_pieces([(i, 0, n) for i, n in enumerate(counts)], reader, readers)
+
+
+def shard_runs(pieces: list[Piece]) -> list[list[Piece]]:
+    """`pieces` cut into runs that one pass over a shard reads: consecutive pieces of one shard, going forwards.
+    (A block of scattered leftovers then costs one read per shard, not one per piece.)"""
+    runs: list[list[Piece]] = []
+    for p in pieces:
+        if runs and runs[-1][-1][0] == p[0] and p[1] >= runs[-1][-1][2]:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+def feed_order(pieces: list[Piece], open_shards: int) -> list[int]:
+    """The order in which a reader feeds the samples of `pieces` to its shuffle buffer, as indices into
+    `_samples(pieces)`: its shard runs read `open_shards` at a time, interleaved (the reader's own order)."""
+    bounds = list(itertools.accumulate((sum(b - a for _, a, b in run) for run in shard_runs(pieces)), initial=0))
+    return list(interleaved((range(lo, hi) for lo, hi in zip(bounds, bounds[1:])), open_shards))
 
 
 def _samples(pieces: list[Piece]) -> list[tuple[int, int]]:
@@ -154,7 +215,7 @@ def block_units(spec: dict, counts: list[int], seed: int) -> list[Unit]:
     block = spec["block"]
     if block is None:
         return []
-    owed = _owed(block["from"], Geometry(*block["geometry"]), block["positions"], counts, seed)[0]
+    owed = _owed(block["from"], Geometry.from_list(block["geometry"]), block["positions"], counts, seed)[0]
     return [Unit((_BLOCK, _depth(spec), spec["first_epoch"]), owed)]
 
 
@@ -184,15 +245,18 @@ def _owed(spec: dict, geom: Geometry, positions: list[list[int]], counts: list[i
         if index < first:
             continue
         for r, (u, drawn) in enumerate(positions):
-            ids = _samples(slice_pieces(unit.pieces, r, geom.readers))
+            own = slice_pieces(unit.pieces, r, geom.readers)
+            ids = _samples(own)
             consumed = len(ids) if u > index else drawn if u == index else 0
             if consumed >= len(ids):
                 continue
             if consumed == 0:
                 owed.extend(ids)
                 continue
+            fed = feed_order(own, geom.open_shards)                   # buffer input i is sample ids[fed[i]]
             order = list(shuffled(iter(range(len(ids))), geom.shuffle_buffer, unit.shuffle_seed(seed, r)))
-            owed.extend(ids[i] for i in sorted(order[consumed:]))    # the buffer's leftovers + the unread tail
+            # The buffer's leftovers + the unread tail, in slice order (few long runs per shard, not interleaved).
+            owed.extend(ids[j] for j in sorted(fed[i] for i in order[consumed:]))
     return _pieces(owed), last + 1
 
 
@@ -244,7 +308,7 @@ class StreamState:
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamState:
-        return cls(d["spec"], Geometry(*d["geometry"]), d["batches"], d["positions"])
+        return cls(d["spec"], Geometry.from_list(d["geometry"]), d["batches"], d["positions"])
 
     def continued_on(self, geometry: Geometry, counts: list[int], seed: int) -> StreamState:
         """This position, resumed with `geometry`: the same stream if the layout is the same, else a new stream

@@ -2,8 +2,12 @@
 
 - `vit`: a timm ViT state dict (`.safetensors`, or `.pth`/`.pt` as `timm.create_model(...).state_dict()` saves
   it), or the reference dBOT / MAE pre-training checkpoint (`{"model": state_dict, "args": Namespace}` with
-  timm-style encoder keys; decoder keys are ignored). Width, depth and MLP ratio are read from the weights; the
-  patch size and token grid must equal the student's. The head count is not in the weights: it comes from the
+  timm-style encoder keys; decoder keys are ignored). Width, depth, MLP ratio and patch size are read from the
+  weights, so the teacher may be of another size than the student (the reference's cross-size rows: ViT-L or
+  ViT-H teaching ViT-B, ViT-L teaching ViT-H). Its token grid must equal the student's: a teacher with another
+  patch size reads the image resized to `teacher.input_size` (e.g. 196 px for a /14 teacher beside a /16
+  student), and its position table is interpolated to that grid (bicubic, as the reference's
+  `interpolate_pos_embed`). The head count is not in the weights: it comes from the
   checkpoint's metadata, else from `teacher.num_heads` / `teacher.arch`, else from a width that only one head
   count is known for (see `teacher_heads`).
 - `hf_clip`: a Hugging Face CLIP vision tower saved with `save_pretrained` (loaded from a local folder); the
@@ -215,21 +219,26 @@ def vit_teacher(cfg: Config) -> tuple[Encoder, list[str]]:
     t, student = cfg.teacher, cfg.model
     state, args = load_state_file(t.weights)
     shape = _vit_shape(state, t.weights)
-    expect = {"patch_size": student.patch_size}
+    pos = state.get("pos_embed")
+    trained_grid = int(round((pos.shape[1] - 1) ** 0.5)) if pos is not None and pos.dim() == 3 else 0
+    grid = grid_check("ViT", trained_grid * shape["patch_size"], shape["patch_size"], t.input_size, student.img_size,
+                      student.patch_size)
+    size = t.input_size or student.img_size
+    expect = {}
     if t.arch:
         if t.arch not in ARCHS:
             raise ConfigError(f"teacher.arch '{t.arch}' is not one of {sorted(ARCHS)}")
         expect.update({k: ARCHS[t.arch][k] for k in ("embed_dim", "depth")})
     wrong = [f"{k}: checkpoint {shape[k]}, expected {v}" for k, v in expect.items() if shape[k] != v]
     if wrong:
-        raise ConfigError(f"teacher checkpoint {t.weights} does not fit: {'; '.join(wrong)} (the patch size must "
-                          "equal model.patch_size so teacher and student tokens line up)")
+        raise ConfigError(f"teacher checkpoint {t.weights} does not fit teacher.arch={t.arch}: {'; '.join(wrong)}")
     heads, heads_from = teacher_heads(t, shape["embed_dim"], Path(t.weights), args)
     if shape["embed_dim"] % heads:
         raise ConfigError(f"teacher {t.weights}: width {shape['embed_dim']} is not divisible by {heads} heads "
                           f"({heads_from})")
-    tcfg = dataclasses.replace(student, embed_dim=shape["embed_dim"], depth=shape["depth"], num_heads=heads,
-                               mlp_ratio=shape["mlp_ratio"], act_ckpt_every=0, drop_path=0.0)
+    tcfg = dataclasses.replace(student, img_size=size, patch_size=shape["patch_size"], embed_dim=shape["embed_dim"],
+                               depth=shape["depth"], num_heads=heads, mlp_ratio=shape["mlp_ratio"], act_ckpt_every=0,
+                               drop_path=0.0)
     module = Encoder(tcfg, shape["depth"], final_norm=t.final_norm)
     own = module.state_dict()
     missing = [k for k in own if k not in state]
@@ -239,12 +248,8 @@ def vit_teacher(cfg: Config) -> tuple[Encoder, list[str]]:
     if bad:
         raise ConfigError(f"teacher checkpoint {t.weights} has mis-shaped weights: {bad[:4]}")
     module.load_state_dict({k: state[k] for k in own})
-    if "pos_embed" in state:                           # timm: learned; MAE: its fixed sin-cos
-        pos = state["pos_embed"]
-        if pos.shape != module.pos_embed.shape:
-            raise ConfigError(f"teacher pos_embed {tuple(pos.shape)} does not match the student's token grid "
-                              f"{tuple(module.pos_embed.shape)} (model.img_size={student.img_size})")
-        module.pos_embed.copy_(pos)
+    if pos is not None:                                # timm: learned; MAE: its fixed sin-cos
+        module.pos_embed.copy_(resize_pos_table(pos, grid, t.weights))
     used = set(own) | {"pos_embed"}
     unused = sorted(k for k in state if k not in used)
     unexpected = [k for k in unused if not _IGNORED.match(k) and not k.startswith("norm.")]
@@ -252,11 +257,51 @@ def vit_teacher(cfg: Config) -> tuple[Encoder, list[str]]:
         raise ConfigError(f"teacher checkpoint {t.weights} has keys that fit no encoder weight: {unexpected[:6]}")
     if _is_rank0():
         print(f"[dbot] teacher: ViT from {t.weights}: width {shape['embed_dim']}, depth {shape['depth']}, {heads} heads "
-              f"({heads_from}), patch {shape['patch_size']}, mlp ratio {shape['mlp_ratio']:g}, final norm "
-              f"{'on' if t.final_norm else 'off'}", flush=True)
+              f"({heads_from}), patch {shape['patch_size']} at {size} px ({grid}x{grid}), mlp ratio "
+              f"{shape['mlp_ratio']:g}, final norm {'on' if t.final_norm else 'off'}", flush=True)
         print(f"[dbot] teacher weights: used {len(used & set(state))} encoder tensors; ignored "
               f"{_ignored_summary(unused, _EXTRAS.get(str(t.weights), []))}", flush=True)
+    if size != student.img_size:
+        module = ResizedInput(module, size)
     return module.requires_grad_(False).eval(), unused
+
+
+def resize_pos_table(pos: torch.Tensor, grid: int, where) -> torch.Tensor:
+    """A [1, 1 + g*g, D] position table (cls first) for a `grid` x `grid` input: the patch positions interpolated
+    bicubically (size=(grid, grid), align_corners=False: the reference's `interpolate_pos_embed` for a teacher
+    checkpoint), the cls position kept."""
+    old = int(round((pos.shape[1] - 1) ** 0.5))
+    if pos.dim() != 3 or pos.shape[0] != 1 or old * old + 1 != pos.shape[1]:
+        raise ConfigError(f"teacher {where}: pos_embed {tuple(pos.shape)} is not a cls token + a square grid")
+    if old == grid:
+        return pos
+    dim = pos.shape[-1]
+    patch = pos[:, 1:].float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1].float(), patch.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)], dim=1).to(pos.dtype)
+
+
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 3, size, size], bicubic with antialiasing (which, like PIL's bicubic that the
+    reference resizes its crop with, low-passes when shrinking). In fp32: antialiased bicubic has no bf16 kernel
+    on the CPU, and the resize is cheap beside the tower."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False,
+                         antialias=True).to(x.dtype)
+
+
+class ResizedInput(nn.Module):
+    """A teacher that reads the student's images resized to `size` px, so that a teacher with another patch size
+    sees the student's token grid (the reference feeds such a teacher a second view at `--second_input_size`)."""
+
+    def __init__(self, encoder: nn.Module, size: int):
+        super().__init__()
+        self.encoder, self.size = encoder, size
+        self.embed_dim = encoder.embed_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(resize_images(images, self.size))
 
 
 def _ignored_summary(unused: list[str], extras: list[str]) -> str:
@@ -298,12 +343,10 @@ class ClipTeacher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
-        if self.input_size and x.shape[-1] != self.input_size:
+        if self.input_size:
             # The reference crops once and resizes the crop to each size with PIL bicubic; this resizes the
             # student's 224 px view instead (bicubic commutes with the per-channel affine above).
-            # in fp32: antialiased bicubic has no bf16 kernel on the CPU, and the resize is cheap beside the tower
-            x = F.interpolate(x.float(), size=(self.input_size, self.input_size), mode="bicubic",
-                              align_corners=False, antialias=True).to(images.dtype)
+            x = resize_images(x, self.input_size)
         out = self.tower(pixel_values=x, output_hidden_states=self.layer >= 0)
         if self.target == "post_norm_proj":
             return self.model.visual_projection(self.tower.post_layernorm(out.last_hidden_state))
@@ -330,19 +373,27 @@ def resize_clip_positions(embeddings: nn.Module, grid: int) -> None:
     embeddings.position_ids = torch.arange(grid * grid + 1).expand((1, -1))
 
 
-def clip_grid_check(clip_image: int, clip_patch: int, input_size: int, student_img: int, student_patch: int) -> int:
-    """The teacher's grid side; ConfigError (naming sizes that would work) unless it equals the student's."""
+def grid_check(kind: str, trained_px: int, patch: int, input_size: int, student_img: int, student_patch: int) -> int:
+    """The teacher's grid side; ConfigError (naming the input size that works) unless it equals the student's.
+    Every student grid has one: grid x the teacher's patch size (e.g. 196 px for a /14 teacher beside a 14x14
+    /16 student, 256 px for a /16 teacher beside a 16x16 /14 student)."""
     grid = student_img // student_patch
     size = input_size or student_img
-    if size % clip_patch == 0 and size // clip_patch == grid:
+    if size % patch == 0 and size // patch == grid:
         return grid
-    fit = grid * clip_patch
+    fit = grid * patch
+    trained = f"; the teacher was trained at {trained_px} px" if trained_px else ""
     raise ConfigError(
-        f"CLIP teacher: /{clip_patch} patches at teacher.input_size={size} px give a "
-        f"{size / clip_patch:g}x{size / clip_patch:g} grid, but the student (model.img_size={student_img}, "
+        f"{kind} teacher: /{patch} patches at teacher.input_size={size} px give a "
+        f"{size / patch:g}x{size / patch:g} grid, but the student (model.img_size={student_img}, "
         f"/{student_patch} patches) has {grid}x{grid}: the tokens cannot be aligned. Set teacher.input_size={fit} "
-        f"(its {grid}x{grid} grid of /{clip_patch} patches; the tower was trained at {clip_image} px), or change "
-        f"the student's model.img_size / model.patch_size")
+        f"(its {grid}x{grid} grid of /{patch} patches{trained}), or change the student's model.img_size / "
+        f"model.patch_size")
+
+
+def clip_grid_check(clip_image: int, clip_patch: int, input_size: int, student_img: int, student_patch: int) -> int:
+    """grid_check for a CLIP tower trained at `clip_image` px."""
+    return grid_check("CLIP", clip_image, clip_patch, input_size, student_img, student_patch)
 
 
 def clip_teacher(cfg: Config) -> ClipTeacher:

@@ -21,7 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .ckpt_safety import load_teacher_file
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
-from .data import build_train_loader, epoch_batches_per_rank, mix_seed, normalize, shard_counts
+from .data import Augment, build_train_loader, epoch_batches_per_rank, mix_seed, normalize, shard_counts
 from .dataset import Dataset, resolve_dataset
 from .distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, world_size_from_env
 from .guards import NonFiniteLoss, SkippedSteps, TooManySkippedSteps, where
@@ -43,7 +43,7 @@ RESUME_KEYS = ["model.img_size", "model.patch_size", "model.embed_dim", "model.d
                "model.mask_ratio", "model.student", "model.mask", "model.num_mask_patches",
                "model.min_mask_patches_per_block", "model.layer_scale_init", "objective",
                "teacher.init_depth", "teacher.final_norm", "teacher.source", "teacher.layer", "teacher.clip_target",
-               "teacher.input_size",
+               "teacher.input_size", "teacher.precision", "optim.grad_reduce_dtype",
                "optim.global_batch",
                "optim.precision", "schedule", "data.num_samples", "run.seed"]
 
@@ -69,15 +69,15 @@ def check_resume(cfg: Config, meta: dict, world_size: int, zstage: int, tag: str
 
 def _geometry(cfg: Config, world_size: int) -> Geometry:
     d = cfg.data
-    return Geometry(world_size, d.num_workers, cfg.optim.micro_batch, d.shuffle_buffer)
+    return Geometry(world_size, d.num_workers, cfg.optim.micro_batch, d.shuffle_buffer, d.open_shards)
 
 
 def _saved_geometry(saved: dict) -> Geometry:
     """The data layout a checkpoint was written with (older checkpoints: from its config)."""
     if saved.get("data_stream"):
-        return Geometry(*saved["data_stream"]["geometry"])
+        return Geometry.from_list(saved["data_stream"]["geometry"])
     d, o = saved["config"]["data"], saved["config"]["optim"]
-    return Geometry(saved["world_size"], d["num_workers"], o["micro_batch"], d["shuffle_buffer"])
+    return Geometry(saved["world_size"], d["num_workers"], o["micro_batch"], d["shuffle_buffer"], open_shards=1)
 
 
 def layout_changed(meta: dict, world_size: int, zstage: int) -> bool:
@@ -272,7 +272,8 @@ class Trainer:
                                   num_workers=d.num_workers, seed=seed, rank=self.rank, world_size=self.world,
                                   resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, start_batch=start,
                                   manifest=self.dataset.manifest, stall_timeout_s=d.stall_timeout_s,
-                                  spec=self.stream.spec)
+                                  spec=self.stream.spec, open_shards=d.open_shards,
+                                  augment=Augment(tuple(d.crop_scale), d.hflip, d.interpolation, d.color_jitter))
 
     def _batches(self):
         """The current data iterator, built at the start, on resume, and (resampled) after each checkpoint."""
@@ -346,7 +347,7 @@ class Trainer:
         AdamW reset. The LR restarts by itself: plan.lr() is per stage."""
         encoder = full_fp32_state(self.engine, "encoder.")                 # collective
         depth = self.plan.teacher_depths[next_stage]
-        self.teacher.rebuild(depth, {k: v.to(self.dtype) for k, v in encoder.items()})
+        self.teacher.rebuild(depth, encoder)                               # cast to teacher.precision inside
         fresh = build_student(self.cfg.model, teacher_dim=self.teacher_dim, seed=mix_seed(self.cfg.run.seed, next_stage))
         write_student_weights(self.engine, dict(fresh.named_parameters()), self.zstage, self.rank)
         if self.cfg.schedule.reset_optimizer:

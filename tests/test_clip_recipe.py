@@ -179,8 +179,10 @@ def test_config_refuses_combinations_that_are_not_built():
         load_config(overrides=["schedule.stage_steps=[2]", "model.student=symmetric"])
     with pytest.raises(ConfigError, match="objective.loss must be one of smooth_l1, neg_cosine"):
         load_config(overrides=["schedule.stage_steps=[2]", "objective.loss=cosine"])
-    with pytest.raises(ConfigError, match="apply to teacher.source=hf_clip only"):
+    with pytest.raises(ConfigError, match="teacher.input_size applies to teachers from other weights"):
         load_config(overrides=["schedule.stage_steps=[2]", "teacher.input_size=196"])
+    with pytest.raises(ConfigError, match="teacher.clip_target applies to teacher.source=hf_clip only"):
+        load_config(overrides=["schedule.stage_steps=[2]", "teacher.clip_target=post_norm_proj"])
 
 
 # ------------------------------------------------------------------------------------------- CLIP targets

@@ -10,14 +10,14 @@ from collections import Counter, defaultdict
 
 import torch
 
-from conftest import TINY, deepspeed_cmd, read_metrics, run
+from conftest import TINY, read_metrics, run, torchrun_cmd
 from test_loader import write_shards
 
 
 def _launch(nproc: int, overrides: list[str], probe_out) -> str:
     import os
     os.environ["DBOT_PROBE_OUT"] = str(probe_out)          # inherited by the launched ranks (conftest._env)
-    cmd = (deepspeed_cmd(nproc) + ["tests/reshard_probe.py"] if nproc else ["python", "tests/reshard_probe.py"])
+    cmd = (torchrun_cmd(nproc) + ["tests/reshard_probe.py"] if nproc else ["python", "tests/reshard_probe.py"])
     proc = run(cmd + ["--preset", "demo"] + overrides)
     assert proc.returncode == 0, proc.tail
     return proc.tail

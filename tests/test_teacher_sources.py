@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, deepspeed_cmd, run
+from conftest import TINY, run, torchrun_cmd
 from dbot_ds.config import ConfigError, load_config
 from dbot_ds.teacher_sources import clip_teacher, vit_teacher
 
@@ -61,8 +61,9 @@ def test_wrong_width_or_patch_fails_naming_the_mismatch(tmp_path):
     with pytest.raises(ConfigError, match="embed_dim: checkpoint 64, expected 96"):
         vit_teacher(cfg_for(tmp_path / "w64.safetensors", "teacher.arch=vit_tiny_patch4"))
     save_file(timm_vit(patch=8).state_dict(), str(tmp_path / "p8.safetensors"))
-    with pytest.raises(ConfigError, match="patch_size: checkpoint 8, expected 4"):
-        vit_teacher(cfg_for(tmp_path / "p8.safetensors"))
+    with pytest.raises(ConfigError, match=r"/8 patches at teacher.input_size=32 px give a 4x4 grid.*8x8.*"
+                                          r"Set teacher.input_size=64"):
+        vit_teacher(cfg_for(tmp_path / "p8.safetensors"))          # another patch size: see test_cross_size.py
     with pytest.raises(ConfigError, match="needs teacher.weights"):
         load_config(overrides=BASE + ["teacher.source=vit"])
     with pytest.raises(ConfigError, match="one stage"):
@@ -104,7 +105,7 @@ def test_clip_teacher_matches_transformers_in_process(tmp_path):
 def test_clip_teacher_under_deepspeed_two_processes(tmp_path, shards):
     save_clip(tmp_path / "clip")
     out = tmp_path / "probe"
-    proc = run(deepspeed_cmd(2) + ["tests/teacher_probe.py", str(out)] + TINY + [
+    proc = run(torchrun_cmd(2) + ["tests/teacher_probe.py", str(out)] + TINY + [
         f"data.shards={shards}", f"run.out_dir={tmp_path / 'run'}", "schedule.stage_steps=[3]",
         "schedule.warmup_steps=1", "run.log_every=1", "teacher.source=hf_clip", f"teacher.weights={tmp_path / 'clip'}"])
     assert proc.returncode == 0, proc.tail
