@@ -153,6 +153,19 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The online kNN monitor (monitor.py): off unless eval.shards is set."""
+    shards: str = ""                   # labelled webdataset shards (a `cls` key): the kNN bank (and queries)
+    query_shards: str = ""             # the queries; "": every eval.query_every-th sample of eval.shards is a query
+    query_every: int = 5
+    every_steps: int = 1000            # also always at step 0 and at each stage end (student, then the new teacher)
+    k: int = 20                        # DINO's weighted kNN: k neighbours, weights exp(cosine / temperature)
+    temperature: float = 0.07
+    max_images: int = 0                # read at most this many images of each pattern (0: all); decoded once per run
+    synthetic_num: int = 0             # >0: generate this many labelled synthetic images into eval.shards if missing
+
+
+@dataclass
 class DeepSpeedConfig:
     config: str = ""                   # ds_configs/ name (zero2 or 2, zero3 or 3, zero3_offload) or a JSON path; "": the
                                        # file accelerate's config names (deepspeed_config_file), else zero2
@@ -182,6 +195,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -397,10 +411,19 @@ def validate(cfg: Config) -> None:
     if o.max_skipped_in_row < 0 or not 0.0 <= o.max_skipped_frac <= 1.0:
         raise ConfigError("optim.max_skipped_in_row must be >= 0 and optim.max_skipped_frac in [0, 1] (0 disables each)")
     _validate_data(cfg.data)
+    _validate_eval(cfg.eval)
     if cfg.run.collective_timeout_s < 10:
         raise ConfigError("run.collective_timeout_s must be >= 10 seconds")
     if cfg.run.log_every <= 0 or cfg.run.save_every <= 0:
         raise ConfigError("run.log_every and run.save_every must be > 0")
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    if not e.shards and (e.query_shards or e.synthetic_num):
+        raise ConfigError("eval.query_shards / eval.synthetic_num need eval.shards (the labelled kNN bank)")
+    if e.k < 1 or e.temperature <= 0 or e.every_steps < 0 or e.query_every < 2 or e.max_images < 0:
+        raise ConfigError("eval.k must be >= 1, eval.temperature > 0, eval.every_steps >= 0 (0: step 0 and stage "
+                          "ends only), eval.query_every >= 2, eval.max_images >= 0")
 
 
 def _validate_recipe(cfg: Config) -> None:

@@ -76,16 +76,44 @@ def _empty_or_missing(folder: Path) -> bool:
     return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
 
 
-def _generate(folder: Path, cfg: Config) -> None:
+def _generate(folder: Path, cfg: Config, num: int | None = None, seed: int | None = None, what: str = "data") -> None:
     """Write the synthetic dataset beside `folder`, then rename it into place (atomic on one filesystem)."""
+    num = cfg.data.synthetic_num if num is None else num
     for stale in folder.parent.glob(f"{folder.name}.partial-*"):    # our own leftovers from a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    print(f"[dbot] generating {cfg.data.synthetic_num} synthetic images into {folder} (data.synthetic_num)", flush=True)
-    write_synthetic_shards(tmp, cfg.data.synthetic_num, img_size=max(64, cfg.model.img_size), seed=cfg.run.seed)
+    print(f"[dbot] generating {num} synthetic images into {folder} ({what}.synthetic_num)", flush=True)
+    write_synthetic_shards(tmp, num, img_size=max(64, cfg.model.img_size),
+                           seed=cfg.run.seed if seed is None else seed)
     if folder.exists():
         folder.rmdir()                    # empty (checked by the caller); rename cannot replace it portably
     os.replace(tmp, folder)
+
+
+# Seed offset of a generated evaluation set, so its images differ from the generated training images.
+_EVAL_SEED = 1_000_003
+
+
+def resolve_eval_shards(cfg: Config, rank: int) -> str:
+    """The pattern of eval.shards; an empty or missing folder is filled with eval.synthetic_num labelled synthetic
+    images first (the demo's kNN set; never into a folder that holds anything). A collective."""
+    e = cfg.eval
+    if _is_pattern(e.shards):
+        return e.shards
+    folder = Path(e.shards)
+    if not (folder / MANIFEST).exists() and _empty_or_missing(folder):
+        if e.synthetic_num <= 0:
+            raise ConfigError(f"eval.shards={folder} {'is empty' if folder.exists() else 'does not exist'}; point it "
+                              "at labelled shards (a cls key), e.g. written by `dbot-shards imagenet`")
+        if rank == 0:
+            _generate(folder, cfg, e.synthetic_num, cfg.run.seed + _EVAL_SEED, "eval")
+        barrier()
+    if (folder / MANIFEST).exists():
+        return shard_pattern(folder)
+    tars = sorted(p.name for p in folder.glob("*.tar"))
+    if not tars:
+        raise ConfigError(f"eval.shards={folder} holds no .tar shards; point it at labelled webdataset shards")
+    return "::".join(str(folder / t) for t in tars)
 
 
 def _sized(cfg: Config, pattern: str, rank: int, run_dir: Path) -> Dataset:

@@ -5,6 +5,7 @@
     dbot-export runs/vit_h/checkpoints/step00400000 --out e/          # a tag folder (or the checkpoints folder)
     dbot-export runs/vit_h --which teacher --out e/                   # the teacher of that checkpoint instead
     dbot-export runs/vit_h --also-teacher --out e/                    # student + teacher.safetensors/teacher.json
+    dbot-export runs/vit_h --stage 0 --out e/                         # the encoder kept at the end of stage 0
 
 `DIR/encoder.safetensors` holds a timm state dict (fp32) that loads with `strict=True` into
 `timm.create_model(timm_arch, num_classes=0, **timm_kwargs)`, both read from `DIR/encoder.json` (which also
@@ -19,7 +20,9 @@ How the weights are read:
   (`teacher.final_norm=false`, the default) the timm model is built with `final_norm=False`.
 
 A stage-end checkpoint of an intermediate stage is taken after the swap: its student is freshly re-initialised
-and its teacher is the stage's trained student. Exporting its student is refused; use `--which teacher`.
+and its teacher is the stage's trained student without its final norm. Exporting its student is refused. The
+whole trained encoder of every stage is kept by the trainer at the stage end, before the swap, as
+`RUN/stage_encoders/stage{K}/` (an export folder): `--stage K` copies it.
 
 Before either is read, the whole tag folder is verified (`ckpt_safety.verify_tag`): every file must have the
 size and SHA-256 recorded at save, and pass torch's weights-only unpickler with only DeepSpeed's own globals, since
@@ -35,6 +38,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +322,40 @@ def _write_export(out: Path, name: str, state: dict[str, torch.Tensor], info: di
     return [st, js]
 
 
+def _timm_export(state: dict[str, torch.Tensor], mcfg: ModelConfig, depth: int,
+                 final_norm: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """(timm state dict, the shape part of the json record) of encoder weights `state` (our names)."""
+    timm_state = to_timm_state(state, mcfg)
+    timm_arch, timm_kwargs = timm_spec(mcfg, timm_state, depth, final_norm)
+    return timm_state, {
+        "format_version": FORMAT_VERSION,
+        "timm_arch": timm_arch,
+        "timm_kwargs": timm_kwargs,
+        "model_name": _model_name(timm_arch, mcfg, depth),
+        "load": f"timm.create_model({timm_arch!r}, num_classes=0, **timm_kwargs).load_state_dict("
+                "safetensors.torch.load_file(...), strict=True)",
+        "arch": mcfg.arch,
+        "img_size": mcfg.img_size, "patch_size": mcfg.patch_size, "embed_dim": mcfg.embed_dim, "depth": depth,
+        "num_heads": mcfg.num_heads, "mlp_ratio": mcfg.mlp_ratio, "final_norm": final_norm,
+        "num_params": sum(v.numel() for v in state.values()),
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "output": "forward_features: all tokens [B, 1 + N, D], cls first"
+                  + (", after the final LayerNorm" if final_norm else ", no final LayerNorm"),
+    }
+
+
+def write_stage_encoder(state: dict[str, torch.Tensor], cfg, out: Path, stage: int, step: int) -> list[Path]:
+    """The trainer's stage-end copy of the student encoder (fp32 master weights, final norm included, our names)
+    as an export folder `out` (encoder.safetensors + encoder.json), written before the swap replaces it."""
+    mcfg = cfg.model
+    _check_against_encoder(state, mcfg, mcfg.depth, True, "student encoder")
+    timm_state, info = _timm_export({k: v.float().contiguous() for k, v in state.items()}, mcfg, mcfg.depth, True)
+    info.update({"which": "student", "weights": "fp32 (DeepSpeed master weights at the stage end)",
+                 "trained_in_stage": stage, "stage": stage, "step": step, "tag": None, "stage_end": True,
+                 "config": cfg.to_dict()})
+    return _write_export(out, "encoder", timm_state, info)
+
+
 def _prepare(ref: CheckpointRef, which: str, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(timm state dict, json record) of one encoder of the checkpoint; raises ExportError if not exportable."""
     mcfg = ref.model_cfg
@@ -325,9 +363,10 @@ def _prepare(ref: CheckpointRef, which: str, trust: bool = False) -> tuple[dict[
         if ref.post_swap:
             raise ExportError(
                 f"{ref.path} is the stage-end checkpoint of stage {ref.stage - 1}, saved after the teacher swap: its "
-                f"student was just re-initialised for stage {ref.stage} and holds no trained weights. The trained "
-                f"stage-{ref.stage - 1} encoder is this checkpoint's teacher: use --which teacher (bf16, upcast to "
-                "fp32), or export an earlier tag of that stage for its fp32 student.")
+                f"student was just re-initialised for stage {ref.stage} and holds no trained weights. The whole trained "
+                f"stage-{ref.stage - 1} encoder (fp32, final norm included) was kept by the run: `dbot-export RUN "
+                f"--stage {ref.stage - 1}`. This checkpoint's teacher holds it without the final norm: use --which "
+                "teacher (bf16, upcast to fp32), or export an earlier tag of that stage for its fp32 student.")
         state = student_encoder_state(ref)
         depth, final_norm, precision, source = mcfg.depth, True, "fp32 (DeepSpeed master weights)", ref.student_stage()
         _check_against_encoder(state, mcfg, depth, final_norm, "student encoder")
@@ -344,32 +383,16 @@ def _prepare(ref: CheckpointRef, which: str, trust: bool = False) -> tuple[dict[
         if source is None:
             print(f"[dbot-export] note: the teacher in {ref.path} is stage 0's random initial encoder, not a trained "
                   "one", file=sys.stderr)
-    timm_state = to_timm_state(state, mcfg)
-    timm_arch, timm_kwargs = timm_spec(mcfg, timm_state, depth, final_norm)
-    info = {
-        "format_version": FORMAT_VERSION,
-        "timm_arch": timm_arch,
-        "timm_kwargs": timm_kwargs,
-        "model_name": _model_name(timm_arch, mcfg, depth),
-        "load": f"timm.create_model({timm_arch!r}, num_classes=0, **timm_kwargs).load_state_dict("
-                "safetensors.torch.load_file(...), strict=True)",
-        "which": which,
-        "arch": mcfg.arch,
-        "img_size": mcfg.img_size, "patch_size": mcfg.patch_size, "embed_dim": mcfg.embed_dim, "depth": depth,
-        "num_heads": mcfg.num_heads, "mlp_ratio": mcfg.mlp_ratio, "final_norm": final_norm,
-        "num_params": sum(v.numel() for k, v in state.items()),
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "output": "forward_features: all tokens [B, 1 + N, D], cls first"
-                  + (", after the final LayerNorm" if final_norm else ", no final LayerNorm"),
-        "weights": precision,
-        "trained_in_stage": source,
+    timm_state, info = _timm_export(state, mcfg, depth, final_norm)
+    info.update({
+        "which": which, "weights": precision, "trained_in_stage": source,
         # The checkpoint's position: stage == num_stages means the run had finished all its stages.
         "stage": ref.stage, "run_finished": ref.stage >= ref.num_stages,
         "step": ref.step, "tag": ref.tag, "stage_end": bool(ref.meta.get("stage_end")),
         "num_stages": ref.num_stages, "zero_stage": ref.client.get("zero_stage"),
         "world_size": ref.client.get("world_size"), "checkpoint": str(ref.path.resolve()),
         "config": ref.config,
-    }
+    })
     return timm_state, info
 
 
@@ -397,6 +420,29 @@ def export(path: str | os.PathLike, out: str | os.PathLike, tag: str | None = No
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading an export (torch + timm + safetensors only)
+
+
+def export_stage(run: str | os.PathLike, stage: int, out: str | os.PathLike, force: bool = False) -> list[Path]:
+    """Copy the encoder the trainer kept at the end of `stage` (run/stage_encoders/stage{K}: fp32 master weights,
+    final norm included) to `out`, after checking that it loads into its timm model."""
+    src = Path(run) / "stage_encoders" / f"stage{stage}"
+    if not (src / "encoder.json").exists():
+        kept = sorted(p.name for p in (Path(run) / "stage_encoders").glob("stage*")) if Path(run).is_dir() else []
+        raise ExportError(f"{src} does not exist: stage {stage} has not ended in this run (kept: {kept or 'none'}; "
+                          "runs from before stage encoders were kept have none: export a checkpoint tag of that "
+                          "stage instead). Give the run folder and a finished stage")
+    out = Path(out)
+    files = [out / "encoder.safetensors", out / "encoder.json"]
+    if not force and any(f.exists() for f in files):
+        raise ExportError(f"{', '.join(str(f) for f in files if f.exists())} already exist; pass --force to overwrite")
+    load_encoder(src)                                       # strict load: a truncated or foreign file fails here
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        tmp = f.with_name(f".{f.name}.tmp")
+        shutil.copyfile(src / f.name, tmp)
+        os.replace(tmp, f)
+        os.chmod(f, _umask_mode())
+    return files
 
 
 def _export_files(export_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
@@ -460,6 +506,9 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default=None, help="checkpoint tag (e.g. step00001000); default: checkpoints/latest")
     ap.add_argument("--which", choices=["student", "teacher"], default="student",
                     help="student: the fp32 student encoder (default); teacher: teacher.pt upcast to fp32")
+    ap.add_argument("--stage", type=int, default=None,
+                    help="the encoder kept at the end of stage K of the run (fp32, final norm included), instead of "
+                         "a checkpoint's; PATH is the run folder")
     ap.add_argument("--also-teacher", action="store_true",
                     help="also write the teacher as teacher.safetensors + teacher.json")
     ap.add_argument("--force", action="store_true", help="overwrite existing export files in --out")
@@ -469,15 +518,21 @@ def cli(argv: list[str] | None = None) -> int:
                          "checked")
     args = ap.parse_args(argv)
     try:
-        files = export(args.path, args.out, tag=args.tag, which=args.which, also_teacher=args.also_teacher,
-                       force=args.force, trust_checkpoint=args.trust_checkpoint)
+        if args.stage is not None:
+            if args.tag or args.which != "student" or args.also_teacher:
+                raise ExportError("--stage takes the run folder alone: drop --tag, --which and --also-teacher")
+            files = export_stage(args.path, args.stage, args.out, force=args.force)
+        else:
+            files = export(args.path, args.out, tag=args.tag, which=args.which, also_teacher=args.also_teacher,
+                           force=args.force, trust_checkpoint=args.trust_checkpoint)
     except ExportError as e:
         print(f"dbot-export: error: {e}", file=sys.stderr)
         return 2
     info = json.loads(files[1].read_text())
     for f in files:
         print(f"[dbot-export] wrote {f}")
-    print(f"[dbot-export] {info['which']} of {info['tag']} (stage {info['stage']}, step {info['step']}): "
+    source = info["tag"] or f"the end of stage {info['stage']}"
+    print(f"[dbot-export] {info['which']} of {source} (stage {info['stage']}, step {info['step']}): "
           f"timm.create_model({info['timm_arch']!r}, num_classes=0, **{info['timm_kwargs']}); "
           f"or dbot_ds.load_encoder({str(Path(args.out))!r})")
     return 0

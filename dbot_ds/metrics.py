@@ -45,6 +45,7 @@ class MetricsLogger:
         self.lines = self.enabled and progress and not sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (self.enabled and progress) or self.lines,
                         dynamic_ncols=True, unit="step", mininterval=2.0)
+        self.knn: str | None = None          # the last student kNN top-1 (mean-pooled), shown with the loss
         self.tb = None
         if self.enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -64,7 +65,7 @@ class MetricsLogger:
         self.file.flush()
         if "loss" in record:
             self._show(record)
-        if self.tb is not None:
+        if self.tb is not None and "event" not in record:        # events: their own scalars, if any (eval_record)
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
                     self.tb.add_scalar(k, v, record["step"])
@@ -73,11 +74,26 @@ class MetricsLogger:
         fields = {"stage": r["stage"], "loss": f"{r['loss']:.4f}", "lr": f"{r['lr']:.2e}", "img_s": f"{r['img_per_s']:.0f}"}
         if r.get("skipped_steps"):
             fields["skipped"] = r["skipped_steps"]
+        if self.knn is not None:
+            fields["knn"] = self.knn
         if self.lines:
             print(f"[dbot] step {r['step']}/{self.total_steps} " + " ".join(f"{k}={v}" for k, v in fields.items()),
                   file=sys.stderr, flush=True)
         else:
             self.bar.set_postfix(**fields)
+
+    def eval_record(self, record: dict) -> None:
+        """A monitor result {"stage", "step", "model", "knn_top1_mean", ...}: an `eval` event in metrics.jsonl,
+        TensorBoard scalars eval/<model>/<metric>, and the student's top-1 on the progress bar."""
+        if not self.enabled:
+            return
+        self.event("eval", **record)
+        if record["model"] == "student":
+            self.knn = f"{record['knn_top1_mean']:.1f}"
+        if self.tb is not None:
+            for k, v in record.items():
+                if k.startswith("knn_") or k == "seconds":
+                    self.tb.add_scalar(f"eval/{record['model']}/{k}", v, record["step"])
 
     def event(self, name: str, **fields) -> None:
         self.log({"event": name, **fields})

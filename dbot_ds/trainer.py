@@ -22,13 +22,15 @@ from . import checkpoint as ckpt
 from .ckpt_safety import load_teacher_file
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
 from .data import Augment, build_train_loader, epoch_batches_per_rank, mix_seed, normalize, shard_counts
-from .dataset import Dataset, resolve_dataset
+from .dataset import Dataset, resolve_dataset, resolve_eval_shards
 from .distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, world_size_from_env
 from .guards import NonFiniteLoss, SkippedSteps, TooManySkippedSteps, where
 from .epochs import Geometry, StreamState
 from .engine import build_ds_config, full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
+from .export import write_stage_encoder
 from .metrics import MetricsLogger
-from .models import build_student
+from .models import BeitEncoder, Encoder, build_student
+from .monitor import KnnMonitor
 from .objective import loss_fn
 from .reshard import ensure_universal, load_universal
 from .stages import StagePlan, make_plan
@@ -130,6 +132,7 @@ class Trainer:
         try:   # bad data settings fail here, before the engine is built: missing shards, too few shards
             self.plan: StagePlan = make_plan(cfg, self._steps_per_epoch())
             self._loader()
+            self.monitor = self._build_monitor()     # labelled kNN set decoded and checked before the engine
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from e
         self.zstage = zero_stage(build_ds_config(cfg, self.world))
@@ -144,6 +147,15 @@ class Trainer:
         self._reset_window()
 
     # -- setup ---------------------------------------------------------------------------------------------
+    def _build_monitor(self) -> KnnMonitor | None:
+        if not self.cfg.eval.shards:
+            return None
+        monitor = KnnMonitor(self.cfg, resolve_eval_shards(self.cfg, self.rank), self.rank, self.world, self.device,
+                             self.dtype)
+        if self.rank == 0:
+            print(f"[dbot] {monitor.describe()}", flush=True)
+        return monitor
+
     def _resume_tag(self, resume: str) -> tuple[Path, str | None]:
         """(folder, tag) of the checkpoint to resume from; tag None for a fresh start."""
         if resume == "none":
@@ -230,6 +242,8 @@ class Trainer:
     def fit(self) -> Path:
         """Train until the plan ends (or run.stop_after_steps); returns the run folder."""
         cfg, plan = self.cfg, self.plan
+        if self.monitor and self.step == 0:
+            self._evaluate("student")                                     # the random initial encoder
         while self.step < plan.total_steps:
             self._train_step()
             self.step += 1
@@ -241,8 +255,10 @@ class Trainer:
             due_save = stage_end or self.step % cfg.run.save_every == 0 or stopping   # a time-boxed stop saves first
             if due_save or self.step % cfg.run.log_every == 0:
                 self._sync_and_log()
-            if stage_end and self.step < plan.total_steps:
-                self._swap(plan.locate(self.step)[0])
+            if stage_end:
+                self._stage_end(plan.locate(self.step - 1)[0])
+            elif self.monitor and cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                self._evaluate("student")
             if due_save:
                 self._save(stage_end)
             if stopping:
@@ -342,10 +358,59 @@ class Trainer:
         return (f"No checkpoint was written from this state; `--resume auto` restarts from {last or 'the beginning'}. "
                 "Consider a lower optim.blr, optim.clip_grad, or checking the data")
 
-    def _swap(self, next_stage: int) -> None:
+    def _stage_end(self, stage: int) -> None:
+        """The stage's trained encoder (fp32 master weights, final norm included) is kept as
+        run_dir/stage_encoders/stage{K} and evaluated by the monitor; then, unless it was the last stage, the swap
+        and the new teacher's evaluation."""
+        encoder = full_fp32_state(self.engine, "encoder.")                 # collective
+        raise_together(self._keep_stage_encoder(stage, encoder) if self.rank == 0 else None)
+        if self.monitor:
+            self._evaluate("student", encoder)
+        if self.step < self.plan.total_steps:
+            self._swap(stage + 1, encoder)
+            if self.monitor and self.cfg.teacher.source == "bootstrap":
+                self._evaluate("teacher")
+
+    def _keep_stage_encoder(self, stage: int, encoder: dict[str, torch.Tensor]) -> str | None:
+        """Rank 0: write the stage's encoder as a dbot-export folder; an error message (for all ranks) or None."""
+        if self.cfg.model.student != "asymmetric":
+            return None          # the symmetric (CLIP-recipe) student has one stage: its checkpoint holds it
+        try:
+            write_stage_encoder(encoder, self.cfg, self.run_dir / "stage_encoders" / f"stage{stage}", stage, self.step)
+        except OSError as e:
+            return f"writing the stage-{stage} encoder failed: {explain(e, self.run_dir)}"
+        return None
+
+    def _evaluate(self, which: str, encoder_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Log the monitor's kNN of the student (the engine's weights, or `encoder_state` at a stage end) or of
+        the teacher as an `eval` record. A collective."""
+        stage = self.plan.locate(max(self.step - 1, 0))[0]
+        if which == "teacher":
+            module, forward = self.teacher.module, self.teacher
+            stage += 1
+        elif encoder_state is not None:
+            module, forward = self._stage_encoder_module(encoder_state)
+        else:
+            module = forward = self.engine.module.encoder
+        record = self.monitor.evaluate(module, forward)
+        self.metrics.eval_record({"stage": stage, "step": self.step, "model": which, **record})
+
+    def _stage_encoder_module(self, state: dict[str, torch.Tensor]):
+        """(module, forward) of the fp32 encoder in `state`, run in the compute dtype through autocast."""
+        m = self.cfg.model
+        enc = Encoder(m, m.depth, final_norm=True) if m.student == "asymmetric" else BeitEncoder(m)
+        enc.load_state_dict(state, strict=True)
+        enc = enc.to(self.device).eval()
+        bf16 = self.dtype == torch.bfloat16
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                return enc(images.float())
+        return enc, forward
+
+    def _swap(self, next_stage: int, encoder: dict[str, torch.Tensor]) -> None:
         """Stage end: teacher <- student encoder (exact low-precision copy), student re-initialised, optional
         AdamW reset. The LR restarts by itself: plan.lr() is per stage."""
-        encoder = full_fp32_state(self.engine, "encoder.")                 # collective
         depth = self.plan.teacher_depths[next_stage]
         self.teacher.rebuild(depth, encoder)                               # cast to teacher.precision inside
         fresh = build_student(self.cfg.model, teacher_dim=self.teacher_dim, seed=mix_seed(self.cfg.run.seed, next_stage))

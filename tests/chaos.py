@@ -60,7 +60,7 @@ TOTAL = 2 * STAGE_STEPS
 SWITCH = STAGE_STEPS                       # the stage end (the only switch)
 # tests/conftest.py's TINY plus the chaos plan; every key once (dbot-pretrain refuses a key given twice).
 JOB = ["schedule.stage_epochs=[]", "schedule.warmup_epochs=0", "optim.global_batch=16", "optim.micro_batch=8",
-       "data.num_workers=0", "data.shuffle_buffer=32", "run.progress=false",
+       "data.num_workers=0", "data.shuffle_buffer=32", "run.progress=false", "eval.shards=", "eval.synthetic_num=0",
        f"schedule.stage_steps=[{STAGE_STEPS},{STAGE_STEPS}]", "schedule.warmup_steps=2", "run.log_every=1",
        f"run.save_every={SAVE_EVERY}", "deepspeed.config=zero2"]
 VARIANTS = {"resampled": "data.resampled=true", "exact": "data.resampled=false"}

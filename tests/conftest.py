@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny two-stage run used by the multi-process tests: 2 ranks x micro 8 = global 16, no loader workers.
 TINY = ["schedule.stage_epochs=[]", "schedule.warmup_epochs=0", "optim.global_batch=16", "optim.micro_batch=8",
-        "data.num_workers=0", "data.shuffle_buffer=32", "run.progress=false"]
+        "data.num_workers=0", "data.shuffle_buffer=32", "run.progress=false",
+        "eval.shards=", "eval.synthetic_num=0"]        # the demo's kNN monitor off, unless a test turns it on
 
 
 @pytest.fixture(autouse=True)

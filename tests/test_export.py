@@ -12,23 +12,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, launch_pretrain
+from conftest import ROOT, TINY, launch_pretrain, read_metrics
 
 TAG_MID, TAG_FINAL = "step00000002", "step00000004"     # post-swap stage-end of stage 0; the final checkpoint
 
 
+# The kNN monitor at every step, on the (labelled) training shards: bank 204 and 52 query images.
+MONITOR = ["eval.every_steps=1", "eval.k=10"]
+
+
 @pytest.fixture(scope="module")
 def ds_run(shards, tmp_path_factory):
-    """ds_run('zero3' | 'zero2') -> run folder of a finished 2-stage run ([2, 2] steps, 2 processes), made once."""
-    cache: dict[str, Path] = {}
+    """ds_run('zero3' | 'zero2', monitor=True) -> run folder of a finished 2-stage run ([2, 2] steps, 2 processes,
+    the kNN monitor on unless monitor=False), made once."""
+    cache: dict[tuple[str, bool], Path] = {}
 
-    def make(zero: str) -> Path:
-        if zero not in cache:
+    def make(zero: str, monitor: bool = True) -> Path:
+        if (zero, monitor) not in cache:
             out = tmp_path_factory.mktemp(f"run_{zero}")
             launch_pretrain(2, TINY + [f"data.shards={shards}", f"run.out_dir={out}", "schedule.stage_steps=[2,2]",
-                                       "schedule.warmup_steps=1", "run.save_every=100", f"deepspeed.config={zero}"])
-            cache[zero] = out
-        return cache[zero]
+                                       "schedule.warmup_steps=1", "run.save_every=100", f"deepspeed.config={zero}",
+                                       "run.log_every=1"]
+                            + ([f"eval.shards={shards}"] + MONITOR if monitor else []))
+            cache[(zero, monitor)] = out
+        return cache[(zero, monitor)]
     return make
 
 
@@ -236,3 +243,55 @@ def test_public_api_imports_without_deepspeed():
             "assert callable(dbot_ds.load_encoder) and callable(dbot_ds.encode)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------ stage encoders and the kNN monitor
+
+def test_every_stage_encoder_is_kept_whole_and_exported_with_stage(ds_run, tmp_path, capsys):
+    """stage_encoders/stage0 is the fp32 student at the end of stage 0 (final norm included): the post-swap
+    checkpoint's bf16 teacher is exactly its cast; stage1 is exactly the final checkpoint's fp32 student."""
+    from dbot_ds.ckpt_safety import load_teacher_file
+    run_dir = ds_run("zero3")
+    s0, info0 = read_export(run_dir / "stage_encoders" / "stage0")
+    assert (info0["stage"], info0["step"], info0["trained_in_stage"], info0["final_norm"]) == (0, 2, 0, True)
+    teacher = load_teacher_file(run_dir / "checkpoints" / TAG_MID / "teacher.pt", False)
+    assert teacher["depth"] == 4 and "norm.weight" not in teacher["state"] and "norm.weight" in s0
+    for k, v in teacher["state"].items():
+        assert v.dtype == torch.bfloat16 and torch.equal(s0[k].to(torch.bfloat16), v), k
+
+    rc, out = export_cli(capsys, run_dir, "--out", tmp_path / "final")
+    assert rc == 0, out
+    final, _ = read_export(tmp_path / "final")
+    s1, info1 = read_export(run_dir / "stage_encoders" / "stage1")
+    assert info1["stage"] == 1 and set(s1) == set(final)
+    assert all(torch.equal(s1[k], final[k]) for k in final)
+
+    rc, out = export_cli(capsys, run_dir, "--stage", 0, "--out", tmp_path / "s0")
+    assert rc == 0 and "of the end of stage 0" in out, out
+    assert (tmp_path / "s0/encoder.safetensors").read_bytes() == (run_dir / "stage_encoders/stage0/encoder.safetensors").read_bytes()
+    rc, out = export_cli(capsys, run_dir, "--stage", 5, "--out", tmp_path / "s5")
+    assert rc == 2 and "stage 5 has not ended" in out and "['stage0', 'stage1']" in out, out
+    rc, out = export_cli(capsys, run_dir / "checkpoints" / TAG_MID, "--out", tmp_path / "mid")
+    assert rc == 2 and "--stage 0" in out, out            # the refusal of the post-swap student points to it
+
+
+def test_knn_monitor_logs_each_step_stage_end_and_teacher_without_changing_training(ds_run):
+    """Step 0 (random init), every step, the stage-0 end (student, then the new teacher), the final end; the
+    losses are those of the same run without the monitor, exactly; ZeRO-2 and ZeRO-3 agree at step 0 (same
+    initial weights, same rank slices), and every rank agreed (the monitor checks it, else the run fails)."""
+    runs = {z: read_metrics(ds_run(z)) for z in ("zero2", "zero3")}
+    plain = read_metrics(ds_run("zero2", monitor=False))
+    for z, recs in runs.items():
+        evals = [(r["step"], r["stage"], r["model"]) for r in recs if r.get("event") == "eval"]
+        assert evals == [(0, 0, "student"), (1, 0, "student"), (2, 0, "student"), (2, 1, "teacher"),
+                         (3, 1, "student"), (4, 1, "student")], (z, evals)
+        for r in recs:
+            if r.get("event") == "eval":
+                assert 0 <= r["knn_top1_mean"] <= r["knn_top5_mean"] <= 100 and r["seconds"] > 0
+                assert 0 <= r["knn_top1_cls"] <= r["knn_top5_cls"] <= 100
+    losses = lambda recs: [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    assert losses(runs["zero2"]) == losses(plain) and len(losses(plain)) == 4
+    first = [{k: v for k, v in r.items() if k.startswith("knn_")} for r in (runs["zero2"] + runs["zero3"])
+             if r.get("event") == "eval" and r["step"] == 0]
+    assert first[0] == first[1]
+    assert not (ds_run("zero2", monitor=False) / "tensorboard").exists()
