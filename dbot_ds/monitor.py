@@ -23,17 +23,24 @@ from .config import Config, ConfigError
 from .knn import POOLS, EvalDataError, Share, extract, knn_scores, load_shares
 
 
+def interleave(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Rank shares (rank r holds items j with j % world == r, in order) -> all n items in order."""
+    out = parts[0].new_empty(n, *parts[0].shape[1:])
+    for r, part in enumerate(parts):
+        out[r::len(parts)] = part
+    return out
+
+
 def gather_strided(own: torch.Tensor, n: int, rank: int, world: int) -> torch.Tensor:
-    """Rows j % world == rank of an [n, D] tensor on each rank -> the whole [n, D] on every rank (a collective)."""
+    """This rank's share of an [n, D] tensor -> the whole [n, D] on every rank (a collective)."""
     if world == 1 or not dist.is_initialized():
         return own
     per = math.ceil(n / world)
     padded = torch.zeros(per, *own.shape[1:], dtype=own.dtype, device=own.device)
     padded[:len(own)] = own
     parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    # item j is row j // world of rank j % world: [world, per, D] -> [per, world, D] -> rows in item order
-    return torch.stack(parts).transpose(0, 1).reshape(per * world, *own.shape[1:])[:n]
+    dist.all_gather(parts, padded)               # equal sizes: gloo and NCCL both need them
+    return interleave([p[:len(range(r, n, world))] for r, p in enumerate(parts)], n)
 
 
 class KnnMonitor:
