@@ -394,6 +394,7 @@ class Trainer:
             module = forward = self.engine.module.encoder
         record = self.monitor.evaluate(module, forward)
         self.metrics.eval_record({"stage": stage, "step": self.step, "model": which, **record})
+        self.window_start += record["seconds"]          # the log window's img/s counts training time only
 
     def _stage_encoder_module(self, state: dict[str, torch.Tensor]):
         """(module, forward) of the fp32 encoder in `state`, run in the compute dtype through autocast."""
