@@ -6,6 +6,7 @@ r"""`dbot-bench`: throughput benchmarks for dbot-ds.
     dbot-bench step --arch vit_huge_patch14 --micro-batch 128 --zero zero2 --baseline     # see bench_step.py
     dbot-bench mix --out /tmp/benchmix --classes 20 --per-class 1000                      # class mixing
     dbot-bench monitor --steps 64 --every 16                                              # see bench_monitor.py
+    dbot-bench repro --out /tmp/repro --seeds 0 1 2                                      # see bench_repro.py
 
 `data` times our webdataset loader (:func:`dbot_ds.data.build_train_loader` + :func:`~dbot_ds.data.normalize`)
 against the usual torchvision ImageFolder + DataLoader pipeline on the same JPEGs, with the same augmentation
@@ -506,8 +507,9 @@ def cli(argv: list[str] | None = None) -> int:
     bench_step.add_arguments(p)
     p.set_defaults(func=bench_step.main)
 
-    from . import bench_monitor
+    from . import bench_monitor, bench_repro
     bench_monitor.add_command(commands)
+    bench_repro.add_command(commands)
 
     args = parser.parse_args(argv)
     if args.command == "data" and (args.steps < 1 or args.batch < 1 or args.warmup < 0 or args.workers < 0):

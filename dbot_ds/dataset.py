@@ -94,25 +94,31 @@ def _generate(folder: Path, cfg: Config, num: int | None = None, seed: int | Non
 _EVAL_SEED = 1_000_003
 
 
-def resolve_eval_shards(cfg: Config, rank: int) -> str:
-    """The pattern of eval.shards; an empty or missing folder is filled with eval.synthetic_num labelled synthetic
-    images first (the demo's kNN set; never into a folder that holds anything). A collective."""
+def resolve_eval_shards(cfg: Config, rank: int) -> tuple[str, str]:
+    """(bank pattern, query pattern or "") of eval.shards / eval.query_shards, each a pattern or a folder of shards.
+    An empty or missing eval.shards folder is filled with eval.synthetic_num labelled synthetic images first (the
+    demo's kNN set; never into a folder that holds anything). A collective."""
     e = cfg.eval
-    if _is_pattern(e.shards):
-        return e.shards
-    folder = Path(e.shards)
+    bank = _eval_pattern(e.shards, "eval.shards", e.synthetic_num, cfg, rank)
+    return bank, _eval_pattern(e.query_shards, "eval.query_shards", 0, cfg, rank) if e.query_shards else ""
+
+
+def _eval_pattern(shards: str, key: str, synthetic_num: int, cfg: Config, rank: int) -> str:
+    if _is_pattern(shards):
+        return shards
+    folder = Path(shards)
     if not (folder / MANIFEST).exists() and _empty_or_missing(folder):
-        if e.synthetic_num <= 0:
-            raise ConfigError(f"eval.shards={folder} {'is empty' if folder.exists() else 'does not exist'}; point it "
+        if synthetic_num <= 0:
+            raise ConfigError(f"{key}={folder} {'is empty' if folder.exists() else 'does not exist'}; point it "
                               "at labelled shards (a cls key), e.g. written by `dbot-shards imagenet`")
         if rank == 0:
-            _generate(folder, cfg, e.synthetic_num, cfg.run.seed + _EVAL_SEED, "eval")
+            _generate(folder, cfg, synthetic_num, cfg.run.seed + _EVAL_SEED, "eval")
         barrier()
     if (folder / MANIFEST).exists():
         return shard_pattern(folder)
     tars = sorted(p.name for p in folder.glob("*.tar"))
     if not tars:
-        raise ConfigError(f"eval.shards={folder} holds no .tar shards; point it at labelled webdataset shards")
+        raise ConfigError(f"{key}={folder} holds no .tar shards; point it at labelled webdataset shards")
     return "::".join(str(folder / t) for t in tars)
 
 

@@ -46,17 +46,20 @@ def gather_strided(own: torch.Tensor, n: int, rank: int, world: int) -> torch.Te
 class KnnMonitor:
     """The labelled evaluation set of one rank, loaded and checked at construction (before the engine exists)."""
 
-    def __init__(self, cfg: Config, shards: str, rank: int, world: int, device: torch.device, dtype: torch.dtype):
-        """`shards`: the resolved pattern of eval.shards (dataset.resolve_eval_shards)."""
+    def __init__(self, cfg: Config, shards: tuple[str, str], rank: int, world: int, device: torch.device,
+                 dtype: torch.dtype):
+        """`shards`: the resolved (bank, query or "") patterns of eval.shards / eval.query_shards
+        (dataset.resolve_eval_shards)."""
         e = cfg.eval
         self.cfg, self.rank, self.world, self.device, self.dtype = cfg, rank, world, device, dtype
         self.batch = cfg.optim.micro_batch          # fits: training runs bigger forwards (teacher) at this size
         t0 = time.perf_counter()
         try:
-            shares = load_shares(shards, cfg.model.img_size, key="eval.shards", rank=rank, world=world,
-                                 query_every=0 if e.query_shards else e.query_every, limit=e.max_images)
-            if e.query_shards:
-                shares["query"] = load_shares(e.query_shards, cfg.model.img_size, key="eval.query_shards", rank=rank,
+            bank, query = shards
+            shares = load_shares(bank, cfg.model.img_size, key="eval.shards", rank=rank, world=world,
+                                 query_every=0 if query else e.query_every, limit=e.max_images)
+            if query:
+                shares["query"] = load_shares(query, cfg.model.img_size, key="eval.query_shards", rank=rank,
                                               world=world, limit=e.max_images)["bank"]
         except EvalDataError as err:
             raise ConfigError(str(err)) from err

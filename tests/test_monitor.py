@@ -75,7 +75,7 @@ def test_bad_evaluation_sets_fail_naming_the_key_and_the_fix(case, tmp_path):
                  "small_bank": [f"eval.shards={good}", "eval.k=25"]}[case]
     cfg = load_config(preset="demo", overrides=overrides)
     with pytest.raises(ConfigError) as err:
-        KnnMonitor(cfg, cfg.eval.shards, 0, 1, torch.device("cpu"), torch.float32)
+        KnnMonitor(cfg, (cfg.eval.shards, cfg.eval.query_shards), 0, 1, torch.device("cpu"), torch.float32)
     want = {"no_cls": ["eval.shards=", "has no 'cls' label", "labelled shards"],
             "empty_query": ["query set is empty", "eval.query_shards"],
             "small_bank": ["holds 24 images, fewer than eval.k=25", "lower eval.k"]}[case]
