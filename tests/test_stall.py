@@ -112,9 +112,9 @@ def test_every_shard_stalling_fails_naming_the_pattern_in_bounded_time(source, w
         stalls = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
         assert len(stalls) == 3 and all("for 1 s (data.stall_timeout_s)" in m for m in stalls)
         assert all(("97.3" if source == "pipe_sleep" else f"127.0.0.1:{server.port}/shard-") in m for m in stalls)
-    # Without workers the readers are gone now. With 2 workers the other worker may be inside its own third
-    # stall when the first one's error arrives: it kills that reader within one stall limit.
-    assert readers_left(marker, within_s=STALL_S + 2 if workers else 0) == []
+    # With 2 workers the other worker may be inside its own third stall when the first one's error arrives: it
+    # kills that reader within one stall limit. The grace also covers a loaded machine's slow process exits.
+    assert readers_left(marker, within_s=STALL_S + 2) == []
 
 
 def test_a_shard_that_stalls_midway_keeps_its_whole_samples_and_counts_one_skip(tmp_path, fresh_counters):
