@@ -3,6 +3,7 @@
     dbot-shards synthetic --out data/synth --num 2000
     dbot-shards imagenet --src ILSVRC2012_img_train.tar --out data/in1k   # see dbot_ds.shard_writer
     dbot-shards folder --src photos/ --out data/photos
+    dbot-shards digits --out data/digits --split train   # real labelled 8x8 digits (scikit-learn), see dbot_ds.digits
     dbot-shards manifest data/my_shards          # manifest.json for shards written by other tools
 
 Each shard is ``shard-NNNNNN.tar`` holding samples ``{"__key__": "%08d", "jpg": JPEG bytes, "cls": int}``;
@@ -171,6 +172,18 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_digits(args: argparse.Namespace) -> int:
+    from dbot_ds.digits import write_digits_shards  # imported here because digits imports this module
+    try:
+        manifest = write_digits_shards(args.out, size=args.size, split=args.split)
+    except ModuleNotFoundError as e:  # scikit-learn missing: the message names the install command
+        raise SystemExit(f"dbot-shards digits: {e}") from None
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
+    print(f"manifest: {Path(args.out) / MANIFEST}")
+    print(f"shard pattern: data.shards='{shard_pattern(args.out)}'")
+    return 0
+
+
 def _cmd_manifest(args: argparse.Namespace) -> int:
     manifest = write_manifest_for(args.dir)
     print(f"counted {manifest['num_samples']} samples in {len(manifest['shards'])} shards; wrote "
@@ -189,6 +202,14 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--per-shard", type=int, default=256, help="samples per shard (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synthetic)
+
+    p = commands.add_parser("digits", help="scikit-learn's 1797 real 8x8 handwritten digits, upsampled (needs "
+                            "scikit-learn)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--split", choices=["train", "val", "all"], default="train",
+                   help="val: every 5th image; train: the rest, shuffled; all: both, shuffled (default train)")
+    p.set_defaults(func=_cmd_digits)
 
     p = commands.add_parser("manifest", help="write manifest.json (sample counts) for existing .tar shards")
     p.add_argument("dir", help="folder holding the shards; manifest.json is written there")

@@ -67,7 +67,7 @@ def after_module(argv: list[str], module: str) -> list[str] | None:
 
 def check(argv: list[str]) -> str:
     """Check one documented command; returns what kind of check ran."""
-    from dbot_ds import bench, evaluate, export, plan, pretrain, shards
+    from dbot_ds import bench, evaluate, export, finetune, plan, pretrain, shards
     from dbot_ds.config import load_config
     prog = argv[0]
     if prog in ("pip", "cp", "grep", "sbatch") or argv[:3] == ["python", "-m", "pytest"]:
@@ -79,7 +79,8 @@ def check(argv: list[str]) -> str:
         return "script"
     tools = {"dbot-pretrain": ("dbot_ds.pretrain", None), "dbot-bench": ("dbot_ds.bench", bench.cli),
              "dbot-shards": ("dbot_ds.shards", shards.cli), "dbot-export": ("dbot_ds.export", export.cli),
-             "dbot-plan": ("dbot_ds.plan", plan.cli), "dbot-eval": ("dbot_ds.evaluate", evaluate.cli)}
+             "dbot-plan": ("dbot_ds.plan", plan.cli), "dbot-eval": ("dbot_ds.evaluate", evaluate.cli),
+             "python -m dbot_ds.finetune": ("dbot_ds.finetune", finetune.cli)}
     for name, (module, cli) in tools.items():
         args = argv[1:] if prog == name else after_module(argv, module)
         if args is None:
