@@ -14,12 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from .data import _load_rgb, _raw_samples, expand_shards, normalize
+from .shards import MANIFEST, shard_pattern
 
 POOLS = ("mean", "cls")
 CROP_PCT = 0.875
@@ -54,10 +56,21 @@ def _label(sample: dict, key: str) -> int:
     return int(raw.decode() if isinstance(raw, bytes) else raw)
 
 
+def _shard_list(pattern: str) -> list[str]:
+    """The shards of a pattern, or of a local folder of shards (its manifest.json order, else sorted .tar names)."""
+    folder = Path(pattern)
+    if folder.is_dir():
+        if (folder / MANIFEST).exists():
+            return expand_shards(shard_pattern(folder))
+        return [str(p) for p in sorted(folder.glob("*.tar"))]
+    return expand_shards(pattern)
+
+
 def _labelled_samples(pattern: str, key: str, limit: int):
-    """(label, encoded image bytes) of every sample of `pattern` in shard order, at most `limit` if > 0."""
+    """(label, encoded image bytes) of every sample of `pattern` (or a folder of shards) in shard order, at most
+    `limit` if > 0."""
     try:
-        shards = expand_shards(pattern)
+        shards = _shard_list(pattern)
     except (FileNotFoundError, ValueError) as e:
         raise EvalDataError(f"{key}={pattern}: {e}") from e
     n = 0

@@ -40,6 +40,7 @@ def test_rank_shares_together_are_the_whole_set(tmp_path):
     pattern = shard_pattern(tmp_path)
     whole = load_labelled(pattern, 32)
     assert whole.images.shape == (23, 3, 32, 32) and whole.images.dtype == torch.uint8
+    assert torch.equal(load_labelled(str(tmp_path), 32).images, whole.images)        # a folder of shards too
     split = load_shares(pattern, 32, key="eval.shards", query_every=5)
     assert split["query"].labels.tolist() == whole.labels[::5].tolist()
     for world in (2, 3):
