@@ -9,7 +9,8 @@
 
 What it measures:
 - Images: every sample of labelled webdataset shards (a `cls` key), centre-cropped to the encoder's input size
-  (or --img-size) and kept in memory as uint8 (`dbot_ds.knn.load_labelled`: size --limit for large sets).
+  (or --img-size); each rank decodes only its share (every world-size-th image) and keeps it in memory as uint8
+  (`dbot_ds.knn.load_shares`; --limit caps large sets).
   Without --query, every --query-every-th --train image is a query and the rest is the bank.
 - Features: `forward_features` tokens [B, 1 + N, D] after the final norm, pooled ("mean" of the patch tokens and
   "cls") and L2-normalised, fp32 (`dbot_ds.knn.extract`).
@@ -17,7 +18,7 @@ What it measures:
 - linear: MAE's linear-probe head (BatchNorm without affine, then Linear) on cached features; see
   `train_linear_probe`.
 
-Under torchrun / the deepspeed launcher (WORLD_SIZE > 1) each rank encodes its own contiguous slice of both sets and
+Under torchrun / the deepspeed launcher (WORLD_SIZE > 1) each rank encodes its own share of both sets and
 the features are all-gathered, so every rank holds all of them; rank 0 prints. The result is one JSON line on
 stdout; progress and notes go to stderr. Bad input (no `cls` label, no query images, a bank smaller than k, an
 --encoder that is neither an export nor a checkpoint) fails before any image is encoded, with exit code 2.
@@ -43,8 +44,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .export import CheckpointRef, ExportError, export, find_checkpoint, load_encoder
-from .knn import (POOLS, EvalDataError, LabelledImages, extract, knn_scores, load_labelled, rank_slice,
-                  split_bank_query)
+from .knn import POOLS, EvalDataError, Share, extract, knn_scores, load_shares
+from .monitor import gather_strided
 
 DEFAULT_QUERY_EVERY = 5        # without --query: 20% of --train are queries
 WARMUP_FRACTION = 0.1          # linear probe: MAE warms up 10 of 90 epochs
@@ -78,21 +79,6 @@ def init_process_group(device: str | None) -> tuple[int, int, torch.device]:
 def close_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def gather_rows(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
-    """Each rank's rows of a contiguous split of n rows (`rank_slice`) -> all n rows [n, D], in order, on every rank.
-
-    all_gather needs equal shapes, so each part is padded to the longest slice and the padding cut off after."""
-    if world == 1:
-        return local
-    per_rank = math.ceil(n / world)
-    padded = local.new_zeros(per_rank, *local.shape[1:])
-    padded[:len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    lengths = [min(n, (r + 1) * per_rank) - min(n, r * per_rank) for r in range(world)]
-    return torch.cat([p[:m] for p, m in zip(parts, lengths)])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,52 +162,61 @@ def _load_resized(export_dir: Path, name: str, device: torch.device) -> nn.Modul
 # Data
 
 
-def load_sets(train: str, query: str | None, query_every: int, img_size: int,
-              limit: int) -> tuple[LabelledImages, LabelledImages]:
-    """(bank, queries) as uint8 centre crops; EvalDataError names --train / --query when a set is unusable."""
-    data = load_labelled(train, img_size, key="--train", limit=limit)
+def load_sets(train: str, query: str | None, query_every: int, img_size: int, limit: int, rank: int = 0,
+              world: int = 1) -> tuple[Share, Share]:
+    """(bank, queries): this rank's share of each set's images as uint8 centre crops (items j with
+    j % world == rank; only those are decoded) and every label. EvalDataError names --train / --query when a set
+    is unusable."""
+    sets = load_shares(train, img_size, key="--train", query_every=0 if query else query_every, rank=rank,
+                       world=world, limit=limit)
     if query is not None:
-        return data, load_labelled(query, img_size, key="--query", limit=limit)
-    return split_bank_query(data, query_every)
+        sets["query"] = load_shares(query, img_size, key="--query", rank=rank, world=world, limit=limit)["bank"]
+    return sets["bank"], sets["query"]
 
 
-def check_sets(bank: LabelledImages, query: LabelledImages, k: int | None, split: bool) -> None:
+def check_sets(bank: Share, query: Share, k: int | None, split: bool) -> None:
     """Refuse sets that cannot give a result, before any image is encoded."""
-    if len(query) == 0:
+    n_bank, n_query = len(bank.labels), len(query.labels)
+    if n_query == 0:
         raise EvalUsageError("no query images; give --query PATTERN, or a --train set with images")
-    if split and len(bank) == 0:
-        raise EvalUsageError(f"--train holds {len(query)} image(s), all of them queries: the bank is empty; raise "
+    if split and n_bank == 0:
+        raise EvalUsageError(f"--train holds {n_query} image(s), all of them queries: the bank is empty; raise "
                              "--query-every or give more --train images")
-    if k is not None and len(bank) < k:
-        raise EvalUsageError(f"--k {k} is more than the bank's {len(bank)} images; lower --k or give more --train "
+    if k is not None and n_bank < k:
+        raise EvalUsageError(f"--k {k} is more than the bank's {n_bank} images; lower --k or give more --train "
                              "images (raise --limit)")
-    if k is None and len(bank) < 2:
-        raise EvalUsageError(f"the linear probe needs at least 2 --train images (batch norm), got {len(bank)}")
+    if k is None and n_bank < 2:
+        raise EvalUsageError(f"the linear probe needs at least 2 --train images (batch norm), got {n_bank}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Features
 
 
-def features(model: nn.Module, data: LabelledImages, batch: int, rank: int, world: int, device: torch.device,
+def _num_batches(n: int, world: int, batch: int) -> int:
+    """Forwards every rank runs for a set of n images (the same on every rank)."""
+    return max(1, math.ceil(math.ceil(n / world) / batch))
+
+
+def features(model: nn.Module, data: Share, batch: int, rank: int, world: int, device: torch.device,
              bar: tqdm) -> dict[str, torch.Tensor]:
-    """Pooled features of all of `data`: each rank encodes its `rank_slice`, then all are gathered.
-    Returns {"mean"/"cls": [len(data), D]} fp32 on `device`, in data order, on every rank."""
-    part, num_batches = rank_slice(len(data), rank, world, batch)
+    """Pooled features of a whole set: each rank encodes its share, then all are gathered.
+    Returns {"mean"/"cls": [n, D]} fp32 on `device`, in set order, on every rank."""
+    n = len(data.labels)
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         tokens = model.forward_features(images)          # [B, 1 + N, D], after the final norm
         bar.update()
         return tokens
 
-    local = extract(forward, data.images[part], batch, num_batches, torch.float32, device)
-    return {p: gather_rows(local[p], len(data), world) for p in POOLS}
+    local = extract(forward, data.images, batch, _num_batches(n, world, batch), torch.float32, device)
+    return {p: gather_strided(local[p], n, rank, world) for p in POOLS}
 
 
-def bank_and_query_features(model: nn.Module, bank: LabelledImages, query: LabelledImages, batch: int, rank: int,
+def bank_and_query_features(model: nn.Module, bank: Share, query: Share, batch: int, rank: int,
                             world: int, device: torch.device) -> tuple[dict, dict]:
     """Features of both sets, with one progress bar (rank 0, stderr) over every forward of this rank."""
-    total = rank_slice(len(bank), rank, world, batch)[1] + rank_slice(len(query), rank, world, batch)[1]
+    total = _num_batches(len(bank.labels), world, batch) + _num_batches(len(query.labels), world, batch)
     with tqdm(total=total, desc="features", unit="batch", disable=rank != 0, file=sys.stderr) as bar:
         return (features(model, bank, batch, rank, world, device, bar),
                 features(model, query, batch, rank, world, device, bar))
@@ -361,8 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _scores(args: argparse.Namespace, bank_f: dict, bank: LabelledImages, query_f: dict,
-            query: LabelledImages) -> dict:
+def _scores(args: argparse.Namespace, bank_f: dict, bank: Share, query_f: dict, query: Share) -> dict:
     if args.eval == "knn":
         return {"k": args.k, "temperature": args.temperature,
                 **knn_scores(bank_f, bank.labels, query_f, query.labels, args.k, args.temperature)}
@@ -383,10 +377,10 @@ def evaluate(args: argparse.Namespace, rank: int, world: int, device: torch.devi
         raise EvalUsageError(f"--img-size {img_size} is not a multiple of the encoder's patch size {patch}; use "
                              f"e.g. {max(patch, img_size // patch * patch)}")
     query_every = args.query_every or DEFAULT_QUERY_EVERY
-    bank, query = load_sets(args.train, args.query, query_every, img_size, args.limit)
+    bank, query = load_sets(args.train, args.query, query_every, img_size, args.limit, rank, world)
     check_sets(bank, query, args.k if args.eval == "knn" else None, split=args.query is None)
     if rank == 0:
-        print(f"[dbot-eval] {args.eval}: bank {len(bank)} images, queries {len(query)}, {img_size} px, "
+        print(f"[dbot-eval] {args.eval}: bank {len(bank.labels)} images, queries {len(query.labels)}, {img_size} px, "
               f"{world} rank(s) on {device.type}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="dbot-eval-") as workdir:
         model = open_encoder(source, device, img_size, workdir, verbose=rank == 0)
@@ -395,7 +389,7 @@ def evaluate(args: argparse.Namespace, rank: int, world: int, device: torch.devi
         return None
     scores = _scores(args, bank_f, bank, query_f, query)
     return {"eval": args.eval, "encoder": args.encoder, "tag": source.tag, "img_size": img_size,
-            "num_bank": len(bank), "num_query": len(query),
+            "num_bank": len(bank.labels), "num_query": len(query.labels),
             "num_classes": int(max(bank.labels.max(), query.labels.max())) + 1, **scores,
             "world_size": world, "seconds": round(time.perf_counter() - start, 2)}
 

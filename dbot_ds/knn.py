@@ -151,14 +151,6 @@ def split_bank_query(data: LabelledImages, query_every: int) -> tuple[LabelledIm
     return data.subset(~is_query), data.subset(is_query)
 
 
-def rank_slice(n: int, rank: int, world: int, batch: int) -> tuple[slice, int]:
-    """(this rank's contiguous slice of n items, the number of batches every rank runs). All ranks run the
-    same number of forwards (ZeRO-3 gathers weights collectively), so a short slice runs padding batches."""
-    per_rank = math.ceil(n / world)
-    start, stop = min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
-    return slice(start, stop), max(1, math.ceil(per_rank / batch))
-
-
 def pool(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """tokens [B, 1 + N, D] -> {"mean": [B, D], "cls": [B, D]}, fp32, L2-normalised."""
     tokens = tokens.float()

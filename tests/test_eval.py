@@ -189,7 +189,7 @@ def test_empty_query_set_is_refused(tiny_export, pattern, tmp_path, capsys, no_f
     with wds.TarWriter(str(empty)):
         pass
     rc, _, err = eval_cli(capsys, "knn", "--encoder", tiny_export, "--train", pattern, "--query", empty)
-    assert rc == 2 and "--query=" in err and "no readable labelled images" in err
+    assert rc == 2 and "no query images" in err and "--query PATTERN" in err
     rc, _, err = eval_cli(capsys, "linear", "--encoder", tiny_export, "--train", pattern, "--query-every", "1",
                           "--limit", "4")
     assert rc == 2 and "bank is empty" in err and "--query-every" in err
