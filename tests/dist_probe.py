@@ -59,11 +59,11 @@ class ProbeTrainer(Trainer):
         self.engine.module.train()
         return float(loss)
 
-    def _swap(self, next_stage: int) -> None:
+    def _swap(self, next_stage: int, encoder: dict) -> None:
         names = [n for n, _ in self.engine.module.named_parameters()][:4]
         before = gathered_student(self.engine)
         moments_before = adam_moments(self.engine, names)
-        super()._swap(next_stage)
+        super()._swap(next_stage, encoder)
         after = gathered_student(self.engine)
         moments_after = adam_moments(self.engine, names)
         master = full_fp32_state(self.engine)
