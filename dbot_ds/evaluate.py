@@ -44,8 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .export import CheckpointRef, ExportError, export, find_checkpoint, load_encoder
-from .knn import POOLS, EvalDataError, Share, extract, knn_scores, load_shares
-from .monitor import gather_strided
+from .knn import POOLS, EvalDataError, Share, gathered_features, knn_scores, load_shares, num_batches
 
 DEFAULT_QUERY_EVERY = 5        # without --query: 20% of --train are queries
 WARMUP_FRACTION = 0.1          # linear probe: MAE warms up 10 of 90 epochs
@@ -193,30 +192,23 @@ def check_sets(bank: Share, query: Share, k: int | None, split: bool) -> None:
 # Features
 
 
-def _num_batches(n: int, world: int, batch: int) -> int:
-    """Forwards every rank runs for a set of n images (the same on every rank)."""
-    return max(1, math.ceil(math.ceil(n / world) / batch))
-
-
 def features(model: nn.Module, data: Share, batch: int, rank: int, world: int, device: torch.device,
              bar: tqdm) -> dict[str, torch.Tensor]:
     """Pooled features of a whole set: each rank encodes its share, then all are gathered.
     Returns {"mean"/"cls": [n, D]} fp32 on `device`, in set order, on every rank."""
-    n = len(data.labels)
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         tokens = model.forward_features(images)          # [B, 1 + N, D], after the final norm
         bar.update()
         return tokens
 
-    local = extract(forward, data.images, batch, _num_batches(n, world, batch), torch.float32, device)
-    return {p: gather_strided(local[p], n, rank, world) for p in POOLS}
+    return gathered_features(forward, data, batch, rank, world, torch.float32, device)
 
 
 def bank_and_query_features(model: nn.Module, bank: Share, query: Share, batch: int, rank: int,
                             world: int, device: torch.device) -> tuple[dict, dict]:
     """Features of both sets, with one progress bar (rank 0, stderr) over every forward of this rank."""
-    total = _num_batches(len(bank.labels), world, batch) + _num_batches(len(query.labels), world, batch)
+    total = num_batches(len(bank.labels), world, batch) + num_batches(len(query.labels), world, batch)
     with tqdm(total=total, desc="features", unit="batch", disable=rank != 0, file=sys.stderr) as bar:
         return (features(model, bank, batch, rank, world, device, bar),
                 features(model, query, batch, rank, world, device, bar))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
@@ -208,3 +209,37 @@ def knn_scores(bank: dict[str, torch.Tensor], bank_labels: torch.Tensor, query: 
         t1, t5 = weighted_knn(bank[p], bank_labels, query[p], query_labels, k, temperature, num_classes)
         out[f"knn_top1_{p}"], out[f"knn_top5_{p}"] = t1, t5
     return out
+
+
+def interleave(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Rank shares (rank r holds items j with j % world == r, in order) -> all n items in order."""
+    out = parts[0].new_empty(n, *parts[0].shape[1:])
+    for r, part in enumerate(parts):
+        out[r::len(parts)] = part
+    return out
+
+
+def gather_strided(own: torch.Tensor, n: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of an [n, D] tensor -> the whole [n, D] on every rank (a collective)."""
+    if world == 1 or not dist.is_initialized():
+        return own
+    per = math.ceil(n / world)
+    padded = torch.zeros(per, *own.shape[1:], dtype=own.dtype, device=own.device)
+    padded[:len(own)] = own
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)               # equal sizes: gloo and NCCL both need them
+    return interleave([p[:len(range(r, n, world))] for r, p in enumerate(parts)], n)
+
+
+def num_batches(n: int, world: int, batch: int) -> int:
+    """Forwards every rank runs for a set of n images shared over `world` ranks (the same on every rank)."""
+    return max(1, math.ceil(math.ceil(n / world) / batch))
+
+
+def gathered_features(forward: Callable[[torch.Tensor], torch.Tensor], share: Share, batch: int, rank: int,
+                      world: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pooled features of a whole set from each rank's share: {"mean"/"cls": [n, D]} fp32 on `device`, in set
+    order, on every rank (a collective). Every rank runs the same number of full batches."""
+    n = len(share.labels)
+    own = extract(forward, share.images, batch, num_batches(n, world, batch), dtype, device)
+    return {p: gather_strided(own[p], n, rank, world) for p in POOLS}

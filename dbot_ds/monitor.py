@@ -12,7 +12,6 @@ path) restored afterwards, and the RNG state restored (the forwards draw nothing
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -20,27 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, ConfigError
-from .knn import POOLS, EvalDataError, Share, extract, knn_scores, load_shares
-
-
-def interleave(parts: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Rank shares (rank r holds items j with j % world == r, in order) -> all n items in order."""
-    out = parts[0].new_empty(n, *parts[0].shape[1:])
-    for r, part in enumerate(parts):
-        out[r::len(parts)] = part
-    return out
-
-
-def gather_strided(own: torch.Tensor, n: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's share of an [n, D] tensor -> the whole [n, D] on every rank (a collective)."""
-    if world == 1 or not dist.is_initialized():
-        return own
-    per = math.ceil(n / world)
-    padded = torch.zeros(per, *own.shape[1:], dtype=own.dtype, device=own.device)
-    padded[:len(own)] = own
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)               # equal sizes: gloo and NCCL both need them
-    return interleave([p[:len(range(r, n, world))] for r, p in enumerate(parts)], n)
+from .knn import EvalDataError, Share, gathered_features, knn_scores, load_shares
 
 
 class KnnMonitor:
@@ -83,10 +62,7 @@ class KnnMonitor:
                 f"every {e.every_steps or 'stage end'} steps; decoded in {self.load_s:.1f} s")
 
     def _features(self, forward: Callable[[torch.Tensor], torch.Tensor], share: Share) -> dict[str, torch.Tensor]:
-        n = len(share.labels)
-        batches = max(1, math.ceil(math.ceil(n / self.world) / self.batch))    # the same on every rank
-        own = extract(forward, share.images, self.batch, batches, self.dtype, self.device)
-        return {p: gather_strided(own[p], n, self.rank, self.world) for p in POOLS}
+        return gathered_features(forward, share, self.batch, self.rank, self.world, self.dtype, self.device)
 
     @torch.no_grad()
     def evaluate(self, module: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:

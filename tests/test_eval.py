@@ -162,7 +162,7 @@ def no_forward(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("images were encoded before the input was checked")
-    monkeypatch.setattr(ev, "extract", refuse)
+    monkeypatch.setattr(ev, "gathered_features", refuse)
 
 
 def unlabelled_shard(folder: Path) -> str:

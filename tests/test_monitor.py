@@ -12,8 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from dbot_ds.config import ConfigError, load_config
-from dbot_ds.knn import load_labelled, load_shares, weighted_knn
-from dbot_ds.monitor import KnnMonitor, interleave
+from dbot_ds.knn import interleave, load_labelled, load_shares, weighted_knn
+from dbot_ds.monitor import KnnMonitor
 from dbot_ds.shards import shard_pattern, write_synthetic_shards
 
 
