@@ -507,9 +507,11 @@ def cli(argv: list[str] | None = None) -> int:
     bench_step.add_arguments(p)
     p.set_defaults(func=bench_step.main)
 
-    from . import bench_monitor, bench_repro
+    from . import bench_monitor, bench_repro, bench_run, bench_sweep
     bench_monitor.add_command(commands)
+    bench_run.add_command(commands)
     bench_repro.add_command(commands)
+    bench_sweep.add_command(commands)
 
     args = parser.parse_args(argv)
     if args.command == "data" and (args.steps < 1 or args.batch < 1 or args.warmup < 0 or args.workers < 0):

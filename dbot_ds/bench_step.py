@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import resource
 import statistics
 import time
 
 import torch
+import torch.distributed as dist
 
 from .config import load_config, zero_name
 from .flops import PEAK_TFLOPS, step_flops_per_image
@@ -67,11 +69,29 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _peak(device: torch.device) -> tuple[float, str]:
-    """Peak memory in GiB: CUDA's allocator peak, or the process's max RSS on a CPU."""
+def _peak(device: torch.device) -> dict:
+    """Peak memory in GiB. CUDA: the allocator's peak of live tensors (`peak_mem_gib`) and the process's peak as
+    nvidia-smi would show it (`peak_process_gib`: the allocator's peak reservation + what the device uses outside
+    the allocator now, i.e. the CUDA context and library workspaces), the figure dbot-plan predicts. CPU: max RSS."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GIB, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "cpu_max_rss"
+        free, total = torch.cuda.mem_get_info(device)
+        outside = (total - free - torch.cuda.memory_reserved(device)) / GIB
+        peak_reserved = torch.cuda.max_memory_reserved(device) / GIB
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / GIB, "peak_mem_source": "cuda_max_allocated",
+                "peak_reserved_gib": peak_reserved, "outside_allocator_gib": outside,
+                "peak_process_gib": peak_reserved + outside}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return {"peak_mem_gib": rss, "peak_mem_source": "cpu_max_rss", "peak_process_gib": rss}
+
+
+def free_memory(device: torch.device) -> float:
+    """Drop what the last measurement left (engines hold reference cycles) and return the GiB still allocated."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(device) / GIB
+    return 0.0
 
 
 def _peak_tflops(a: argparse.Namespace, device: torch.device) -> tuple[float, str]:
@@ -92,9 +112,10 @@ def time_ours(cfg, depth: int, images: torch.Tensor, world: int, device: torch.d
     from .engine import init_student_engine
     from .teacher import Teacher
     dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float32
-    student = build_student(cfg.model, seed=0)
-    initial = {k: v.detach().clone() for k, v in student.encoder.named_parameters()}
-    engine, _ = init_student_engine(student.to(device), cfg, world, device)
+    with torch.device(device):          # initialise on the device: ViT-H's init takes seconds on a CPU
+        student = build_student(cfg.model, seed=0)
+    initial = {k: v.detach().clone() for k, v in student.encoder.state_dict().items()}
+    engine, _ = init_student_engine(student, cfg, world, device)
     engine.train()
     teacher = Teacher(cfg, device, dtype)
     teacher.rebuild(depth, initial)
@@ -121,8 +142,9 @@ def time_ours(cfg, depth: int, images: torch.Tensor, world: int, device: torch.d
 def time_baseline(cfg, depth: int, images: torch.Tensor, device: torch.device, steps: int, warmup: int) -> list[float]:
     """Per-step seconds of the reference-style step: fp32 weights, autocast + GradScaler, unfused AdamW."""
     model_cfg = dataclasses.replace(cfg.model, compile=False)          # the reference does not compile
-    student = build_student(model_cfg, seed=0).to(device).train()
-    teacher = build_teacher(model_cfg, depth, final_norm=False).to(device)
+    with torch.device(device):
+        student = build_student(model_cfg, seed=0).train()
+        teacher = build_teacher(model_cfg, depth, final_norm=False)
     teacher.load_state_dict({k: v for k, v in student.encoder.state_dict().items() if k in teacher.state_dict()})
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(student, o.weight_decay), lr=1e-4, betas=(o.beta1, o.beta2),
@@ -152,16 +174,24 @@ def run(a: argparse.Namespace) -> dict:
     """Benchmark; every rank runs it, rank 0 reports."""
     from .distributed import init_distributed
     rank, world, device = init_distributed()
+    out = measure(a, world, device)
+    return out if rank == 0 else {}
+
+
+def measure(a: argparse.Namespace, world: int, device: torch.device) -> dict:
+    """One benchmark case in an initialised process group (dbot-bench sweep calls this once per case)."""
     cfg = _config(a, world)
     depth = cfg.model.depth if a.teacher_depth == "full" else int(a.teacher_depth)
-    gen = torch.Generator(device="cpu").manual_seed(rank)
+    gen = torch.Generator(device="cpu").manual_seed(dist.get_rank() if dist.is_initialized() else 0)
     size = cfg.model.img_size
     from .data import normalize
     images = normalize(torch.randint(0, 256, (a.micro_batch, 3, size, size), generator=gen, dtype=torch.uint8).to(device))
+    left_before = free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    parts = time_ours(cfg, depth, images, world, device, a.steps, a.warmup)
-    peak_gib, peak_source = _peak(device)
+    with torch.device(device):          # the teacher, too, is initialised on the device (then overwritten)
+        parts = time_ours(cfg, depth, images, world, device, a.steps, a.warmup)
+    mem = _peak(device)
     med = {k: statistics.median(v) for k, v in parts.items()}
     flops = step_flops_per_image(cfg.model, depth, recompute=True)
     img_s = a.micro_batch / med["step"]
@@ -169,19 +199,24 @@ def run(a: argparse.Namespace) -> dict:
     tflops = img_s * flops["model"] / 1e12
     out = {"arch": a.arch, "img_size": size, "micro_batch": a.micro_batch, "world": world, "zero": a.zero,
            "act_ckpt_every": a.ckpt, "compile": a.compile, "teacher": a.teacher, "teacher_depth": depth, "precision": a.precision,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "overrides": a.set, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "img_per_s_per_gpu": img_s, "step_s": med["step"], "tflops_per_gpu": tflops, "peak_tflops": peak,
            "peak_source": peak_name, "mfu": tflops / peak, "gflops_per_image": flops["model"] / 1e9,
-           "hardware_tflops_per_gpu": img_s * flops["hardware"] / 1e12, "peak_mem_gib": peak_gib,
-           "peak_mem_source": peak_source,
+           "hardware_tflops_per_gpu": img_s * flops["hardware"] / 1e12, **mem, "allocated_before_gib": left_before,
            "split_s": {"teacher_forward": med["teacher_forward"], "student_forward_backward":
                        med["student_forward_backward"], "optimizer": med["optimizer"], "data_wait": 0.0},
            "steps": a.steps, "warmup": a.warmup}
+    del parts
+    free_memory(device)
     if a.baseline:
-        base = statistics.median(time_baseline(cfg, depth, images, device, a.steps, a.warmup))
-        out["baseline_img_per_s_per_gpu"] = a.micro_batch / base
-        out["speedup"] = img_s / out["baseline_img_per_s_per_gpu"]
-    return out if rank == 0 else {}
+        try:
+            base = statistics.median(time_baseline(cfg, depth, images, device, a.steps, a.warmup))
+            out["baseline_img_per_s_per_gpu"] = a.micro_batch / base
+            out["speedup"] = img_s / out["baseline_img_per_s_per_gpu"]
+        except torch.OutOfMemoryError as e:       # the reference keeps fp32 weights: it may not fit where ours does
+            out["baseline_error"] = f"out of memory at micro-batch {a.micro_batch}: {str(e).splitlines()[0]}"
+        free_memory(device)
+    return out
 
 
 def summary(r: dict) -> str:
@@ -192,6 +227,8 @@ def summary(r: dict) -> str:
              f"{100 * r['mfu']:.1f}% (peak {r['peak_tflops']} {r['peak_source']})  peak mem {r['peak_mem_gib']:.2f} GiB",
              f"  step {1e3 * r['step_s']:.1f} ms = teacher {1e3 * s['teacher_forward']:.1f} + student fwd/bwd "
              f"{1e3 * s['student_forward_backward']:.1f} + optimizer {1e3 * s['optimizer']:.1f} ms"]
+    if "baseline_error" in r:
+        lines.append(f"  baseline: {r['baseline_error']}")
     if "speedup" in r:
         lines.append(f"  baseline {r['baseline_img_per_s_per_gpu']:.1f} img/s/GPU -> speedup {r['speedup']:.2f}x")
     return "\n".join(lines)

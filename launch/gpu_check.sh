@@ -1,57 +1,59 @@
 #!/usr/bin/env bash
-# The GPU check: dbot-bench step for ViT-H/14 on one GPU (H100/H200) over stage-0 and full-depth teachers,
-# micro-batch 64 and 128, activation checkpointing off and on, each with --baseline; dbot-plan for the same
-# settings; one markdown table at the end (paste it into BENCHMARKS.md with the card, date and command).
-# About 4-6 minutes on one H100. Run from the repository root:
-#   ./launch/gpu_check.sh [RESULTS_DIR]
-# Needs, on the GPU node: Python >= 3.10 with a CUDA build of torch, and this repository installed
-# (`pip install -e .`, which brings deepspeed 0.19.x, timm, webdataset, accelerate, transformers). A node without
-# internet access needs those wheels copied in first: on a machine with access run
-#   pip download --no-deps -d wheels 'deepspeed==0.19.8' hjson webdataset braceexpand pydantic pydantic-core \
-#       annotated-types typing-inspection typing-extensions timm safetensors
-# copy wheels/ over and run `pip install --no-index --no-deps wheels/*.whl`, then run this script with PYTHONPATH
-# set to the repository root (or after `pip install --no-deps -e .`).
+# The GPU check of issue 9, in phases, for a GPU lent for minutes. Run from the repository root:
+#   ./launch/gpu_check.sh PHASE... [RESULTS_DIR defaults to $OUT, else /tmp/gpu_check]
+#     table   `dbot-bench sweep launch/gpu_cases.txt`: the ViT-H/14 step table (stage-0 and full teachers, ZeRO-2/3,
+#             checkpointing off/on, teacher replicated/zero3, as large a micro-batch as fits), ViT-L/B rows, the
+#             reference-style baseline in the same process, dbot-plan's memory beside each measured peak.
+#             Stops starting cases after $DEADLINE s (default 360): about 6 minutes on one H100.
+#     levers  `dbot-bench sweep launch/gpu_levers.txt`: torch.compile and micro-batch against the same step (~3 min).
+#     train   launch/gpu_train.sh: a real dbot-pretrain run, ViT-B/16 through a stage switch (~2 min).
+#     fp8     `dbot-bench fp8`: the frozen teacher's forward in FP8 against bf16 targets (parity, speed, loss curve).
+# The device tool's two calls: `./launch/gpu_check.sh table`, then `./launch/gpu_check.sh levers train fp8`.
+# Every phase writes into RESULTS_DIR (JSONL/JSON rows and a markdown table) and prints as it goes, so a time
+# limit loses only the case in flight. Paste the tables into BENCHMARKS.md with the card, date and command.
+#
+# Needs Python >= 3.10 with a CUDA build of torch, timm, accelerate and transformers, plus deepspeed 0.19.x,
+# hjson, webdataset, braceexpand and pydantic. On an offline node whose image lacks the last ones, collect
+# their wheels into .whl/ first (`../shared/device/wheels.sh`, or `pip download` them elsewhere): this script
+# installs .whl/*.whl into /tmp/site and puts it and the repository on PYTHONPATH when deepspeed is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-results=${1:-${OUT:-/tmp/gpu_check}}
-mkdir -p "$results"
-arch=${ARCH:-vit_huge_patch14}
-steps=${STEPS:-10}
-warmup=${WARMUP:-3}
-for depth in 0 full; do
-  for mb in 64 128; do
-    for ckpt in 0 1; do
-      name="vit_h_depth${depth}_mb${mb}_ckpt${ckpt}"
-      echo "== $name"
-      timeout 300 python3 -m dbot_ds.bench step --arch "$arch" --micro-batch "$mb" --ckpt "$ckpt" \
-        --teacher-depth "$depth" --zero zero2 --teacher replicated --steps "$steps" --warmup "$warmup" \
-        --baseline --json "$results/$name.json" 2>&1 | grep -v '^\[20' | tail -5
-      plan_depth=(); [ "$depth" = 0 ] && plan_depth=(--teacher-depth 0)
-      python3 -m dbot_ds.plan --arch "$arch" --zero 2 --world 1 --micro-batch "$mb" --ckpt "$ckpt" \
-        --teacher replicated "${plan_depth[@]}" --json > "$results/$name.plan.json"
-    done
-  done
+phases=(); results=${OUT:-/tmp/gpu_check}
+for arg in "$@"; do
+  case "$arg" in table|levers|train|fp8) phases+=("$arg") ;; *) results=$arg ;; esac
 done
-# The cost of DeepSpeed's per-step inf/NaN gradient check (bf16.check_grad_overflow, optim.skip_nonfinite_steps):
-# the same full-depth micro-batch-128 step without it; compare img/s with vit_h_depthfull_mb128_ckpt0.json.
-echo "== vit_h_depthfull_mb128_ckpt0 without the overflow check"
-timeout 300 python3 -m dbot_ds.bench step --arch "$arch" --micro-batch 128 --ckpt 0 --teacher-depth full --zero zero2 \
-  --teacher replicated --steps "$steps" --warmup "$warmup" --set optim.skip_nonfinite_steps=false \
-  --json "$results/overflow_check_off.json" 2>&1 | grep -v '^\[20' | tail -2
-python3 - "$results" <<'PY'
-import json, sys, pathlib
-rows = []
-for bench in sorted(pathlib.Path(sys.argv[1]).glob("vit_h_*[0-9].json")):
-    plan = json.loads(bench.with_suffix(".plan.json").read_text().splitlines()[-1])
-    b = json.loads(bench.read_text())
-    predicted = plan["gib"]["total"]
-    rows.append(f"| {b['teacher_depth']} | {b['micro_batch']} | {b['act_ckpt_every']} | {b['img_per_s_per_gpu']:.0f} | "
-                f"{b['tflops_per_gpu']:.0f} | {100 * b['mfu']:.1f}% | {b.get('baseline_img_per_s_per_gpu', 0):.0f} | "
-                f"{b.get('speedup', 0):.2f}x | {b['peak_mem_gib']:.1f} | {predicted:.1f} | "
-                f"{100 * (predicted - b['peak_mem_gib']) / b['peak_mem_gib']:+.0f}% |")
-last = json.loads(bench.read_text())
-print(f"\n{last['arch']} {last['img_size']}px, ZeRO-2, replicated teacher, bf16, 1 GPU: {last['device']}")
-print("| teacher depth | micro-batch | ckpt | img/s/GPU | TFLOP/s | MFU | baseline img/s | speedup | peak GiB | dbot-plan GiB | plan error |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-print("\n".join(rows))
-PY
+[ ${#phases[@]} -gt 0 ] || { echo "usage: $0 {table|levers|train|fp8}... [RESULTS_DIR]" >&2; exit 2; }
+mkdir -p "$results"
+if ! python3 -c "import deepspeed" 2>/dev/null; then
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "deepspeed is not installed and .whl/ holds no wheels (see the header)" >&2; exit 2; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1; nproc;
+  python3 -c "import torch, deepspeed, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+    'deepspeed', deepspeed.__version__, 'timm', timm.__version__)"; git log -1 --oneline 2>/dev/null; } \
+  | tee "$results/env.txt"
+quiet() { grep -v -e '^\[20' -e 'FutureWarning' -e 'return func(\*args' ; }
+rc=0
+for phase in "${phases[@]}"; do
+  start=$(date +%s)
+  echo "== phase $phase"
+  case "$phase" in
+    table|levers)
+      cases=launch/gpu_cases.txt; [ "$phase" = levers ] && cases=launch/gpu_levers.txt
+      cases=${CASES:-$cases}          # another cases file (the CPU test of this script uses a tiny one)
+      python3 -m dbot_ds.bench sweep "$cases" --out "$results/$phase.jsonl" --deadline-s "${DEADLINE:-360}" 2>&1 | quiet
+      rc=$((rc | PIPESTATUS[0]))
+      python3 -m dbot_ds.bench table "$results/$phase.jsonl" > "$results/$phase.md" ;;   # the sweep printed it
+    train)
+      ./launch/gpu_train.sh "$results" || rc=1 ;;
+    fp8)
+      for arch in vit_base_patch16 vit_huge_patch14; do
+        python3 -m dbot_ds.bench fp8 --arch "$arch" --micro-batch 128 --steps 200 --images 256 \
+          --json "$results/fp8_$arch.json" 2>&1 | quiet | tail -25
+        rc=$((rc | PIPESTATUS[0]))
+      done ;;
+  esac
+  echo "== phase $phase: $(( $(date +%s) - start )) s"
+done
+exit "$rc"
