@@ -15,6 +15,7 @@ autocast on a CPU), unfused AdamW, the same model. The last line of output is on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -118,7 +119,10 @@ def time_ours(cfg, depth: int, images: torch.Tensor, world: int, device: torch.d
     engine, _ = init_student_engine(student, cfg, world, device)
     engine.train()
     teacher = Teacher(cfg, device, dtype)
-    teacher.rebuild(depth, initial)
+    # A replicated teacher is initialised on the device too (then overwritten); DeepSpeed's engines are built
+    # outside a device context, which would also place the tensors it means for the host.
+    with torch.device(device) if cfg.teacher.placement == "replicated" else contextlib.nullcontext():
+        teacher.rebuild(depth, initial)
     x = images.to(dtype)
     parts = {"teacher_forward": [], "student_forward_backward": [], "optimizer": [], "step": []}
     for i in range(warmup + steps):
@@ -189,8 +193,7 @@ def measure(a: argparse.Namespace, world: int, device: torch.device) -> dict:
     left_before = free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.device(device):          # the teacher, too, is initialised on the device (then overwritten)
-        parts = time_ours(cfg, depth, images, world, device, a.steps, a.warmup)
+    parts = time_ours(cfg, depth, images, world, device, a.steps, a.warmup)
     mem = _peak(device)
     med = {k: statistics.median(v) for k, v in parts.items()}
     flops = step_flops_per_image(cfg.model, depth, recompute=True)

@@ -14,8 +14,9 @@ The model is in bytes per rank, bf16 mixed precision as the trainer runs it:
 - teacher 2 Pt (zero3 placement: 2 Pt / W plus one gathered block);
 - activations from the architecture: a pre-norm block with fused (flash) attention keeps about
   s h (16 + 4 r) bytes per image (s tokens, width h, MLP ratio r: LN and linear inputs, Q/K/V/O, the MLP's
-  hidden input and GELU output, all bf16); a checkpointed block keeps only its 2 s h input, plus one block
-  recomputed at a time; plus the fp32 loss tensors over all tokens and the images;
+  hidden input and GELU output, all bf16); a checkpointed block keeps only its 2 s h input. On top of what the
+  forward keeps comes the largest transient of the backward's phases, which run one at a time: the fp32 loss
+  tensors over all tokens, or one block's largest gradients (and, checkpointed, its recomputed activations);
 - buffers: CUDA context and allocator slack (1.5 GiB), DeepSpeed's reduce / all-gather buckets.
 P counts come from building the model on the meta device, so any size of one's own is covered.
 """
@@ -74,27 +75,32 @@ def block_activation_bytes(tokens: int, width: int, mlp_ratio: float) -> float:
     return tokens * width * (16 + 4 * mlp_ratio)
 
 
-def _stack_bytes(depth: int, tokens: int, width: int, mlp_ratio: float, ckpt_every: int) -> float:
+def _stack_bytes(depth: int, tokens: int, width: int, mlp_ratio: float, ckpt_every: int) -> tuple[float, float]:
+    """(bytes a stack keeps from its forward to its backward, bytes its backward adds at its peak) per image."""
+    if not depth:
+        return 0.0, 0.0
     full = block_activation_bytes(tokens, width, mlp_ratio)
-    workspace = full if depth else 0          # one block's activation gradients while its backward runs
-    if not ckpt_every:
-        return depth * full + workspace
-    ckpt = len(range(0, depth, ckpt_every))
-    recompute = full if ckpt else 0           # a checkpointed block's activations, rebuilt for its backward
-    return ckpt * 2 * tokens * width + (depth - ckpt) * full + recompute + workspace
+    ckpt = len(range(0, depth, ckpt_every)) if ckpt_every else 0
+    kept = ckpt * 2 * tokens * width + (depth - ckpt) * full
+    # While a block's backward runs: the gradients of its largest activations (the MLP's hidden, before and
+    # after GELU: 2 x 2 s h r bytes, about half of what the block keeps), plus, if it is checkpointed, its
+    # recomputed activations.
+    return kept, full * (1.5 if ckpt else 0.5)
 
 
 def activation_bytes_per_image(cfg: ModelConfig, ckpt_every: int) -> float:
-    """Activations kept per image over a micro-step (student), plus the loss tensors and the input."""
+    """Activation memory per image at the step's peak (student): what the forward keeps for the backward, plus
+    the largest transient of any one phase of the backward, since the phases run one after another (the loss's
+    fp32 tensors, a decoder block's, an encoder block's). Checked against torch's MemTracker on CPU (tests)."""
     n = (cfg.img_size // cfg.patch_size) ** 2
     k = 1 + int(n * (1 - cfg.mask_ratio))
-    enc = _stack_bytes(cfg.depth, k, cfg.embed_dim, cfg.mlp_ratio, ckpt_every)
-    dec = _stack_bytes(cfg.decoder_depth, n + 1, cfg.decoder_embed_dim, cfg.mlp_ratio, ckpt_every)
+    enc_kept, enc_peak = _stack_bytes(cfg.depth, k, cfg.embed_dim, cfg.mlp_ratio, ckpt_every)
+    dec_kept, dec_peak = _stack_bytes(cfg.decoder_depth, n + 1, cfg.decoder_embed_dim, cfg.mlp_ratio, ckpt_every)
     embed = 2 * n * cfg.embed_dim + 2 * k * cfg.embed_dim                 # all patch tokens, visible gather
     head = 2 * (n + 1) * (cfg.decoder_embed_dim + 2 * cfg.embed_dim)        # decoder input, predictions, targets
     loss = 5 * 4 * (n + 1) * cfg.embed_dim                                  # fp32 pred, target, standardised, diff, loss
     images = (2 + 1) * 3 * cfg.img_size**2                                  # bf16 input + uint8 batch
-    return enc + dec + embed + head + loss + images
+    return enc_kept + dec_kept + embed + head + images + max(loss, dec_peak, enc_peak)
 
 
 def plan(cfg: ModelConfig, *, zero: int, world: int, micro_batch: int, ckpt_every: int, teacher: str,

@@ -4,7 +4,7 @@
 #     table   `dbot-bench sweep launch/gpu_cases.txt`: the ViT-H/14 step table (stage-0 and full teachers, ZeRO-2/3,
 #             checkpointing off/on, teacher replicated/zero3, as large a micro-batch as fits), ViT-L/B rows, the
 #             reference-style baseline in the same process, dbot-plan's memory beside each measured peak.
-#             Stops starting cases after $DEADLINE s (default 360): about 6 minutes on one H100.
+#             Starts no case after $DEADLINE s (default 300), so a call ends within about a minute of that.
 #     levers  `dbot-bench sweep launch/gpu_levers.txt`: torch.compile and micro-batch against the same step (~3 min).
 #     train   launch/gpu_train.sh: a real dbot-pretrain run, ViT-B/16 through a stage switch (~2 min).
 #     fp8     `dbot-bench fp8`: the frozen teacher's forward in FP8 against bf16 targets (parity, speed, loss curve).
@@ -42,7 +42,7 @@ for phase in "${phases[@]}"; do
     table|levers)
       cases=launch/gpu_cases.txt; [ "$phase" = levers ] && cases=launch/gpu_levers.txt
       cases=${CASES:-$cases}          # another cases file (the CPU test of this script uses a tiny one)
-      python3 -m dbot_ds.bench sweep "$cases" --out "$results/$phase.jsonl" --deadline-s "${DEADLINE:-360}" 2>&1 | quiet
+      python3 -m dbot_ds.bench sweep "$cases" --out "$results/$phase.jsonl" --deadline-s "${DEADLINE:-300}" 2>&1 | quiet
       rc=$((rc | PIPESTATUS[0]))
       python3 -m dbot_ds.bench table "$results/$phase.jsonl" > "$results/$phase.md" ;;   # the sweep printed it
     train)
