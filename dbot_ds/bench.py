@@ -507,7 +507,8 @@ def cli(argv: list[str] | None = None) -> int:
     bench_step.add_arguments(p)
     p.set_defaults(func=bench_step.main)
 
-    from . import bench_memcheck, bench_monitor, bench_repro, bench_run, bench_sweep
+    from . import bench_fp8, bench_memcheck, bench_monitor, bench_repro, bench_run, bench_sweep
+    bench_fp8.add_command(commands)
     bench_memcheck.add_command(commands)
     bench_monitor.add_command(commands)
     bench_run.add_command(commands)

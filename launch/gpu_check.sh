@@ -8,6 +8,7 @@
 #     levers  `dbot-bench sweep launch/gpu_levers.txt`: torch.compile and micro-batch against the same step (~3 min).
 #     train   launch/gpu_train.sh: a real dbot-pretrain run, ViT-B/16 through a stage switch (~2 min).
 #     fp8     `dbot-bench fp8`: the frozen teacher's forward in FP8 against bf16 targets (parity, speed, loss curve).
+#             Real photos from scikit-image, or from data/photos where it is missing (carry it; see the phase).
 # The device tool's two calls: `./launch/gpu_check.sh table`, then `./launch/gpu_check.sh levers train fp8`.
 # Every phase writes into RESULTS_DIR (JSONL/JSON rows and a markdown table) and prints as it goes, so a time
 # limit loses only the case in flight. Paste the tables into BENCHMARKS.md with the card, date and command.
@@ -48,11 +49,18 @@ for phase in "${phases[@]}"; do
     train)
       ./launch/gpu_train.sh "$results" || rc=1 ;;
     fp8)
-      for arch in vit_base_patch16 vit_huge_patch14; do
-        python3 -m dbot_ds.bench fp8 --arch "$arch" --micro-batch 128 --steps 200 --images 256 \
-          --json "$results/fp8_$arch.json" 2>&1 | quiet | tail -25
-        rc=$((rc | PIPESTATUS[0]))
-      done ;;
+      # Real photos: scikit-image's, or where it is missing (the lent GPU image) the copy carried in data/photos
+      # (`dbot-bench fp8 --save-photos data/photos` on a machine with scikit-image).
+      photos=(); [ -d data/photos ] && photos=(--photos data/photos)
+      fp8() { python3 -m dbot_ds.bench fp8 "${photos[@]}" "$@" 2>&1 | quiet | grep -v '^{' | tail -12; rc=$((rc | PIPESTATUS[0])); }
+      # ViT-B: parity, speed and 200-step loss curves (bf16 vs fp8 targets, fp32 for scale); ViT-H: parity and
+      # speed; the ViT-B stage-0 encoder of the `train` phase, if it ran: parity of a (briefly) trained teacher.
+      fp8 --arch vit_base_patch16 --micro-batch 128 --train-batch 32 --steps 200 --images 256 --fp32-run \
+        --json "$results/fp8_vit_base_patch16.json"
+      fp8 --arch vit_huge_patch14 --micro-batch 128 --steps 0 --images 256 --json "$results/fp8_vit_huge_patch14.json"
+      trained=${WORK:-/tmp/dbot_gpu_train}/run/stage_encoders/stage0
+      [ -d "$trained" ] && fp8 --weights "$trained" --micro-batch 128 --steps 0 --images 256 \
+        --json "$results/fp8_vit_base_trained.json" ;;
   esac
   echo "== phase $phase: $(( $(date +%s) - start )) s"
 done
