@@ -123,6 +123,9 @@ def time_ours(cfg, depth: int, images: torch.Tensor, world: int, device: torch.d
     # outside a device context, which would also place the tensors it means for the host.
     with torch.device(device) if cfg.teacher.placement == "replicated" else contextlib.nullcontext():
         teacher.rebuild(depth, initial)
+    del initial                          # the trainer keeps no such copy: it must not count in the peak
+    if device.type == "cuda":            # the peak of the training steps, not of building (the plan models those)
+        torch.cuda.reset_peak_memory_stats(device)
     x = images.to(dtype)
     parts = {"teacher_forward": [], "student_forward_backward": [], "optimizer": [], "step": []}
     for i in range(warmup + steps):
@@ -191,8 +194,6 @@ def measure(a: argparse.Namespace, world: int, device: torch.device) -> dict:
     from .data import normalize
     images = normalize(torch.randint(0, 256, (a.micro_batch, 3, size, size), generator=gen, dtype=torch.uint8).to(device))
     left_before = free_memory(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     parts = time_ours(cfg, depth, images, world, device, a.steps, a.warmup)
     mem = _peak(device)
     med = {k: statistics.median(v) for k, v in parts.items()}
