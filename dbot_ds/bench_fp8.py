@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .bench_step import _sync
 from .config import load_config
 from .data import normalize
 from . import fp8 as fp8lib
@@ -184,12 +185,6 @@ def _config(a: argparse.Namespace, info: dict | None):
     if a.img_size:
         over.append(f"model.img_size={a.img_size}")
     return load_config(overrides=over + a.set)
-
-
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _bytes(module: torch.nn.Module) -> int:
