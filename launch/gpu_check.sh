@@ -14,9 +14,9 @@
 # limit loses only the case in flight. Paste the tables into BENCHMARKS.md with the card, date and command.
 #
 # Needs Python >= 3.10 with a CUDA build of torch, timm, accelerate and transformers, plus deepspeed 0.19.x,
-# hjson, webdataset, braceexpand and pydantic. On an offline node whose image lacks the last ones, collect
-# their wheels into .whl/ first (`../shared/device/wheels.sh`, or `pip download` them elsewhere): this script
-# installs .whl/*.whl into /tmp/site and puts it and the repository on PYTHONPATH when deepspeed is missing.
+# hjson, webdataset, braceexpand, pydantic, einops and msgpack. On an offline node whose image lacks them, collect
+# their wheels into .whl/ first (`launch/gpu_wheels.sh` on a machine with PyPI): this script installs
+# .whl/*.whl into /tmp/site and puts it and the repository on PYTHONPATH when deepspeed is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phases=(); results=${OUT:-/tmp/gpu_check}
@@ -29,7 +29,7 @@ if ! python3 -c "import deepspeed" 2>/dev/null; then
   ls .whl/*.whl >/dev/null 2>&1 || { echo "deepspeed is not installed and .whl/ holds no wheels (see the header)" >&2; exit 2; }
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
 fi
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PATH=$PATH:/tmp/site/bin    # bin: ninja
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1; nproc;
   python3 -c "import torch, deepspeed, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda,
     'deepspeed', deepspeed.__version__, 'timm', timm.__version__)"; git log -1 --oneline 2>/dev/null; } \
