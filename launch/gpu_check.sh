@@ -5,11 +5,13 @@
 #             checkpointing off/on, teacher replicated/zero3, as large a micro-batch as fits), ViT-L/B rows, the
 #             reference-style baseline in the same process, dbot-plan's memory beside each measured peak.
 #             Starts no case after $DEADLINE s (default 300), so a call ends within about a minute of that.
-#     levers  `dbot-bench sweep launch/gpu_levers.txt`: torch.compile and micro-batch against the same step (~3 min).
+#     levers  `dbot-bench sweep launch/gpu_levers.txt`: torch.compile and micro-batch against the same step
+#             (no case after $DEADLINE s, default 150).
 #     train   launch/gpu_train.sh: a real dbot-pretrain run, ViT-B/16 through a stage switch (~2 min).
 #     fp8     `dbot-bench fp8`: the frozen teacher's forward in FP8 against bf16 targets (parity, speed, loss curve).
 #             Real photos from scikit-image, or from data/photos where it is missing (carry it; see the phase).
-# The device tool's two calls: `./launch/gpu_check.sh table`, then `./launch/gpu_check.sh levers train fp8`.
+# The device tool's two calls: `./launch/gpu_check.sh table`, then `./launch/gpu_check.sh train levers fp8`
+# (phases run in the order given: the priorities).
 # Every phase writes into RESULTS_DIR (JSONL/JSON rows and a markdown table) and prints as it goes, so a time
 # limit loses only the case in flight. Paste the tables into BENCHMARKS.md with the card, date and command.
 #
@@ -43,7 +45,8 @@ for phase in "${phases[@]}"; do
     table|levers)
       cases=launch/gpu_cases.txt; [ "$phase" = levers ] && cases=launch/gpu_levers.txt
       cases=${CASES:-$cases}          # another cases file (the CPU test of this script uses a tiny one)
-      python3 -m dbot_ds.bench sweep "$cases" --out "$results/$phase.jsonl" --deadline-s "${DEADLINE:-300}" 2>&1 | quiet
+      deadline=300; [ "$phase" = levers ] && deadline=150
+      python3 -m dbot_ds.bench sweep "$cases" --out "$results/$phase.jsonl" --deadline-s "${DEADLINE:-$deadline}" 2>&1 | quiet
       rc=$((rc | PIPESTATUS[0]))
       python3 -m dbot_ds.bench table "$results/$phase.jsonl" > "$results/$phase.md" ;;   # the sweep printed it
     train)
