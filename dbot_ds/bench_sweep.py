@@ -8,7 +8,8 @@ case. Each non-comment line of the cases file is `NAME: ARGS`, ARGS being `dbot-
 Cases run in file order (most wanted first). Each result, or its error, is appended to the JSONL as soon as it
 is known, so a time limit loses only the case in flight; no case starts after `--deadline-s`. A case that runs
 out of GPU memory is retried at 3/4 of its micro-batch, down to `--min-micro-batch` (the row records the
-micro-batch that fitted and the one asked for). Every row carries dbot-plan's prediction for the same
+micro-batch that fitted and the one asked for). `--micro-batch 0` asks for the largest one dbot-plan fits on the
+device. Every row carries dbot-plan's prediction for the same
 setting and its error against the measured process peak (`peak_process_gib`, see bench_step._peak).
 """
 from __future__ import annotations
@@ -53,17 +54,33 @@ def read_cases(path: str) -> list[tuple[str, argparse.Namespace]]:
     return cases
 
 
+def _plan_setting(a: argparse.Namespace, world: int):
+    """(model config, dbot-plan keyword arguments) of a case."""
+    cfg = bench_step._config(argparse.Namespace(**{**vars(a), "micro_batch": max(a.micro_batch, 1)}), world)
+    ds = cfg.deepspeed.config
+    kw = dict(zero=int(ds[4]) if ds.startswith("zero") else 2, world=world, ckpt_every=a.ckpt, teacher=a.teacher,
+              teacher_depth=None if a.teacher_depth == "full" else int(a.teacher_depth), offload=ds == "zero3_offload")
+    return cfg.model, kw
+
+
 def plan_for(a: argparse.Namespace, world: int) -> dict:
     """dbot-plan's per-rank memory for the case's setting: {'plan_gib': total, 'plan_parts_gib': {...}}."""
     from .plan import plan
-    cfg = bench_step._config(a, world)
-    ds = cfg.deepspeed.config
-    zero = int(ds[4]) if ds.startswith("zero") else 2
-    depth = None if a.teacher_depth == "full" else int(a.teacher_depth)
-    mem = plan(cfg.model, zero=zero, world=world, micro_batch=a.micro_batch, ckpt_every=a.ckpt,
-               teacher=a.teacher, teacher_depth=depth, offload=ds == "zero3_offload")
-    gib = mem.gib()
+    model, kw = _plan_setting(a, world)
+    gib = plan(model, micro_batch=a.micro_batch, **kw).gib()
     return {"plan_gib": gib["total"], "plan_parts_gib": gib}
+
+
+AUTO_SHARE = 0.95          # of the device's memory that `--micro-batch 0` plans to fill
+AUTO_MAX = 1024            # ... up to this: beyond, a ViT's step gains nothing and each OOM retry costs more
+
+
+def auto_micro_batch(a: argparse.Namespace, world: int, device_gib: float) -> int:
+    """`--micro-batch 0`: the largest micro-batch dbot-plan fits in AUTO_SHARE of the device, rounded down to a
+    multiple of 32, between 8 and AUTO_MAX. Too large a guess costs OOM retries at 3/4; the row shows what fitted."""
+    from .plan import max_micro_batch
+    model, kw = _plan_setting(a, world)
+    return min(AUTO_MAX, max(8, max_micro_batch(model, AUTO_SHARE * device_gib, **kw) // 32 * 32))
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -73,6 +90,11 @@ def _is_oom(e: BaseException) -> bool:
 def run_case(name: str, a: argparse.Namespace, world: int, device: torch.device, min_micro_batch: int) -> dict:
     """Measure one case, stepping its micro-batch down on OOM; errors become a row, never an exception."""
     asked, t0 = a.micro_batch, time.perf_counter()
+    if a.micro_batch <= 0:
+        if device.type != "cuda":
+            return {"name": name, "error": "--micro-batch 0 (as large as dbot-plan fits) needs a GPU", "micro_batch": 0}
+        a.micro_batch = auto_micro_batch(a, world, torch.cuda.mem_get_info(device)[1] / bench_step.GIB)
+        asked = f"auto: {a.micro_batch}"
     while True:
         try:
             row = bench_step.measure(a, world, device)

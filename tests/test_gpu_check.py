@@ -134,3 +134,18 @@ def test_run_summary_per_stage_rates_skip_each_stages_first_window(tmp_path):
     rows[-1]["loss"] = float("nan")
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert not bench_run.summarise(tmp_path / "metrics.jsonl")["losses_finite"]
+
+
+def test_micro_batch_zero_asks_dbot_plan_for_the_largest_that_fits(tmp_path):
+    path = tmp_path / "cases.txt"
+    path.write_text("h: --arch vit_huge_patch14 --micro-batch 0 --ckpt 0\nh1: --arch vit_huge_patch14 --micro-batch 0 --ckpt 1\n")
+    (_, h), (_, h1) = bench_sweep.read_cases(str(path))
+    from dbot_ds.plan import plan
+    model, kw = bench_sweep._plan_setting(h, 1)
+    mb = bench_sweep.auto_micro_batch(h, 1, 79.1)                      # an H100's usable GiB
+    assert mb % 32 == 0 and 8 <= mb <= bench_sweep.AUTO_MAX
+    assert plan(model, micro_batch=mb, **kw).total <= 0.95 * 79.1 * 2**30 < plan(model, micro_batch=mb + 32, **kw).total
+    assert bench_sweep.auto_micro_batch(h1, 1, 79.1) == bench_sweep.AUTO_MAX            # capped
+    assert bench_sweep.auto_micro_batch(h, 1, 1.0) == 8                               # floor
+    row = bench_sweep.run_case("h", h, 1, torch.device("cpu"), min_micro_batch=16)
+    assert row["error"] == "--micro-batch 0 (as large as dbot-plan fits) needs a GPU"
