@@ -22,6 +22,10 @@ from dbot_ds import data
 from test_loader import ids_of, take, write_shards
 
 STALL_S = 1.0
+# How long a reader may take to go after its test: a DataLoader worker inside a stall kills its reader within one
+# stall limit, and DataLoader's shutdown waits up to 5 s (MP_STATUS_CHECK_INTERVAL) for a worker; on a loaded
+# 2-core machine process exits lag further. A leaked reader (one that outlives the test) still fails.
+READER_EXIT_S = STALL_S + 9
 
 
 class StallingServer:
@@ -68,13 +72,13 @@ def fresh_counters(monkeypatch):
 
 
 def readers_left(marker: str, within_s: float | None = None) -> list[str]:
-    """Shard reader processes still there (running or unreaped) after up to `within_s` seconds (default: one stall
-    limit + 2 s, for a loaded machine): descendants of this test process named like a reader, and any process
+    """Shard reader processes still there (running or unreaped) after up to `within_s` seconds (default
+    READER_EXIT_S): descendants of this test process named like a reader, and any process
     whose command line holds `marker` (a pipe: command's children, which would be orphans if only the shell had
     been killed). Each poll first collects garbage and lets subprocess reap what it holds: a reader an earlier
     test abandoned (webdataset's Pipe reaps it in __del__, a dropped Popen on the next Popen) must not count as
     this test's."""
-    deadline = time.monotonic() + (STALL_S + 2 if within_s is None else within_s)
+    deadline = time.monotonic() + (READER_EXIT_S if within_s is None else within_s)
     while True:
         gc.collect()
         getattr(subprocess, "_cleanup", lambda: None)()      # CPython reaps dropped Popen objects here
