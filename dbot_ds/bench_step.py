@@ -95,6 +95,13 @@ def free_memory(device: torch.device) -> float:
     return 0.0
 
 
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import timm
+    return {"torch": torch.__version__, "cuda": str(torch.version.cuda), "deepspeed": deepspeed.__version__,
+            "timm": timm.__version__}
+
+
 def _peak_tflops(a: argparse.Namespace, device: torch.device) -> tuple[float, str]:
     if a.peak_tflops:
         return a.peak_tflops, "given"
@@ -204,6 +211,7 @@ def measure(a: argparse.Namespace, world: int, device: torch.device) -> dict:
     out = {"arch": a.arch, "img_size": size, "micro_batch": a.micro_batch, "world": world, "zero": a.zero,
            "act_ckpt_every": a.ckpt, "compile": a.compile, "teacher": a.teacher, "teacher_depth": depth, "precision": a.precision,
            "overrides": a.set, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "versions": _versions(),
            "img_per_s_per_gpu": img_s, "step_s": med["step"], "tflops_per_gpu": tflops, "peak_tflops": peak,
            "peak_source": peak_name, "mfu": tflops / peak, "gflops_per_image": flops["model"] / 1e9,
            "hardware_tflops_per_gpu": img_s * flops["hardware"] / 1e12, **mem, "allocated_before_gib": left_before,

@@ -32,10 +32,9 @@ if ! python3 -c "import deepspeed" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PATH=$PATH:/tmp/site/bin    # bin: ninja
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1; nproc;
-  python3 -c "import torch, deepspeed, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-    'deepspeed', deepspeed.__version__, 'timm', timm.__version__)"; git log -1 --oneline 2>/dev/null; } \
-  | tee "$results/env.txt"
+# (torch, CUDA, deepspeed and timm versions are in every sweep row: no extra Python start here)
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1; nproc
+  git log -1 --oneline 2>/dev/null; } | tee "$results/env.txt"
 quiet() { grep -v -e '^\[20' -e 'FutureWarning' -e 'return func(\*args' ; }
 rc=0
 for phase in "${phases[@]}"; do

@@ -83,22 +83,26 @@ def test_plan_error_is_against_the_process_peak():
 
 def test_gpu_check_table_phase_runs_cases_in_one_process_past_errors(tmp_path):
     cases = tmp_path / "cases.txt"
-    cases.write_text(f"bad: {TINY} --set model.mask_ratio=2.0\nok: {TINY} --baseline --peak-tflops 2.0\n")
+    cases.write_text(f"bad: {TINY} --set model.mask_ratio=2.0\nok: {TINY} --baseline --peak-tflops 2.0\n"
+                     f"z3: {TINY} --zero zero3 --teacher zero3 --ckpt 1 --teacher-depth 0\n")
     out = tmp_path / "out"
     env = {**os.environ, "CASES": str(cases), "DEADLINE": "1000"}
     proc = subprocess.run([str(ROOT / "launch" / "gpu_check.sh"), "table", str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    bad, ok = [json.loads(line) for line in (out / "table.jsonl").read_text().splitlines()]
+    bad, ok, z3 = [json.loads(line) for line in (out / "table.jsonl").read_text().splitlines()]
     assert "model.mask_ratio" in bad["error"] and "img_per_s_per_gpu" not in bad
     assert ok["img_per_s_per_gpu"] > 0 and ok["baseline_img_per_s_per_gpu"] > 0 and ok["plan_gib"] > 0   # went on
     assert ok["speedup"] == pytest.approx(ok["img_per_s_per_gpu"] / ok["baseline_img_per_s_per_gpu"])
     assert ok["mfu"] == pytest.approx(ok["tflops_per_gpu"] / 2.0) and ok["img_per_s_per_gpu"] * ok["step_s"] == pytest.approx(8)
     assert ok["tflops_per_gpu"] == pytest.approx(ok["img_per_s_per_gpu"] * ok["gflops_per_image"] / 1e3)
     assert 0 <= sum(ok["split_s"].values()) <= ok["step_s"] * 1.5 and ok["peak_mem_gib"] > 0
+    assert ok["versions"]["deepspeed"] and ok["versions"]["torch"] == torch.__version__
+    assert (z3["teacher_depth"], z3["zero"], z3["teacher"], z3["act_ckpt_every"]) == (0, "zero3", "zero3", 1)
+    assert z3["img_per_s_per_gpu"] > 0 and "baseline_img_per_s_per_gpu" not in z3
     md = (out / "table.md").read_text()
-    assert md.startswith("device: cpu; 2 cases") and "| bad | error: ConfigError" in md
-    assert "torch" in (out / "env.txt").read_text()
+    assert md.startswith("device: cpu; 3 cases") and "| bad | error: ConfigError" in md
+    assert (out / "env.txt").read_text().strip()
 
 
 def test_no_case_starts_after_the_deadline_but_the_first(tmp_path, monkeypatch, capsys):
