@@ -117,7 +117,7 @@ def _peak_tflops(a: argparse.Namespace, device: torch.device) -> tuple[float, st
 def time_ours(cfg, depth: int, images: torch.Tensor, world: int, device: torch.device, steps: int,
               warmup: int) -> dict[str, list[float]]:
     """Per-step seconds of the parts of our step (DeepSpeed engine, teacher outside it)."""
-    from .engine import init_student_engine
+    from .engine import destroy_engine, init_student_engine
     from .teacher import Teacher
     dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float32
     with torch.device(device):          # initialise on the device: ViT-H's init takes seconds on a CPU
@@ -148,8 +148,7 @@ def time_ours(cfg, depth: int, images: torch.Tensor, world: int, device: torch.d
             for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                 parts[k].append(v)
     teacher.release()
-    if hasattr(engine, "destroy"):
-        engine.destroy()
+    destroy_engine(engine)
     return parts
 
 

@@ -102,6 +102,25 @@ def init_student_engine(student: nn.Module, cfg: Config, world_size: int, device
     return engine, ds_config
 
 
+def destroy_engine(engine) -> None:
+    """`engine.destroy()` and what it leaves behind in DeepSpeed 0.19.8's ZeRO-3, which keeps the engine's module,
+    its hooks and through them the engine, optimizer and partitions alive as long as the process (one old teacher
+    per swap under teacher.placement=zero3; a whole student per ZeRO-3 case in a benchmark sweep):
+    - set-up pushes the root module onto the module-level `FWD_MODULE_STACK` (zero/parameter_offload.py) and
+      never pops it;
+    - `PartitionedParameterCoordinator.__params_to_release` is a class-level, unbounded `functools.lru_cache`
+      keyed on (coordinator, submodule). Clearing it only costs live engines a recomputation."""
+    module = engine.module               # taken first: destroy() may drop the engine's own reference
+    engine.destroy()
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not module]
+    cached = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for fn in [cached] + [c.cell_contents for c in getattr(cached, "__closure__", None) or ()]:   # under nvtx's wrapper
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+
+
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr

@@ -84,8 +84,9 @@ class Teacher:
                     p.data.copy_(state[name].to(p.device, p.dtype))
 
     def release(self) -> None:
-        if self.engine is not None and hasattr(self.engine, "destroy"):
-            self.engine.destroy()
+        if self.engine is not None:
+            from .engine import destroy_engine
+            destroy_engine(self.engine)
         self.module, self.engine = None, None
 
     # -- use -----------------------------------------------------------------------------------------------
