@@ -54,7 +54,7 @@ for phase in "${phases[@]}"; do
       # Real photos: scikit-image's, or where it is missing (the lent GPU image) the copy carried in data/photos
       # (`dbot-bench fp8 --save-photos data/photos` on a machine with scikit-image).
       photos=(); [ -d data/photos ] && photos=(--photos data/photos)
-      fp8() { python3 -m dbot_ds.bench fp8 "${photos[@]}" "$@" 2>&1 | quiet | grep -v '^{' | tail -12; rc=$((rc | PIPESTATUS[0])); }
+      fp8() { python3 -m dbot_ds.bench fp8 ${photos[@]+"${photos[@]}"} "$@" 2>&1 | quiet | grep -v '^{' | tail -12; rc=$((rc | PIPESTATUS[0])); }
       # ViT-B: parity, speed and 200-step loss curves (bf16 vs fp8 targets, fp32 for scale); ViT-H: parity and
       # speed; the ViT-B stage-0 encoder of the `train` phase, if it ran: parity of a (briefly) trained teacher.
       fp8 --arch vit_base_patch16 --micro-batch 128 --train-batch 32 --steps 200 --images 256 --fp32-run \
