@@ -5,13 +5,18 @@
 # and data-wait fraction per stage, finite losses, the swap) and copies metrics.jsonl + config to RESULTS_DIR.
 #   ./launch/gpu_train.sh [RESULTS_DIR] [extra key=value overrides]
 # About 2 minutes on an H100 node with 16 cores. Env: NUM (images, default 12000), STEPS (per stage, 150),
-# BATCH (256), WARMUP (steps, 20), EVAL_EVERY (100), WORK (scratch folder, /tmp/dbot_gpu_train; wiped first).
+# BATCH (256), WARMUP (steps, 20), EVAL_EVERY (100), WORK (scratch folder, /tmp/dbot_gpu_train; wiped first
+# if this script made it, refused otherwise).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-${OUT:-/tmp/gpu_check}}; shift || true
 work=${WORK:-/tmp/dbot_gpu_train}; num=${NUM:-12000}; steps=${STEPS:-150}; batch=${BATCH:-256}; eval_every=${EVAL_EVERY:-100}; warmup=${WARMUP:-20}
 cpus=$(nproc); workers=$(( cpus > 3 ? cpus - 2 : 1 )); gens=$(( cpus > 8 ? 8 : cpus ))
-rm -rf "$work"; mkdir -p "$work/shards" "$results"
+# WORK is wiped first, but only if this script made it (its marker file): never a folder of the user's.
+if [ -e "$work" ] && [ ! -f "$work/.dbot_gpu_train" ]; then
+  echo "WORK=$work exists and was not made by $0; give another WORK (it is wiped at every run)" >&2; exit 2
+fi
+rm -rf "$work"; mkdir -p "$work/shards" "$results"; touch "$work/.dbot_gpu_train"
 t0=$(date +%s)
 # dbot-shards writes one folder per call; generate in parallel and gather the tars into one manifest-less
 # folder (the trainer counts their samples from the tar headers once).
