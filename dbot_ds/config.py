@@ -111,7 +111,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8                  # AdamW epsilon (the CLIP recipe uses 1e-6)
     clip_grad: float = 0.0             # max global grad norm; 0 = no clipping
-    precision: str = "bf16"            # "bf16" or "fp32"
+    precision: str = "auto"            # auto | bf16 | fp32. auto: bf16 on a GPU that supports it and on a CPU with
+                                       # native bf16 matmuls (AVX512-BF16 / AMX), fp32 elsewhere (precision.py); the
+                                       # run's config and checkpoints record what was chosen
     grad_reduce_dtype: str = "fp32"    # dtype of the data-parallel gradient reduction (DeepSpeed communication_data_type):
                                        # bf16 | fp32 (optim.precision=fp32 always reduces in fp32). fp32 by default,
                                        # as the reference's DDP all-reduce: measured on ViT-B (BENCHMARKS.md,
@@ -180,7 +182,8 @@ class RunConfig:
     keep_last: int = 3                 # periodic checkpoints kept; stage-end ones are always kept
     tensorboard: bool = False
     progress: bool = True
-    stop_after_steps: int = 0          # >0: stop cleanly after this many global steps (for tests / time slots)
+    stop_after_steps: int = 0          # >0: train at most this many optimizer steps in this invocation, then save and
+                                       # stop (a time-boxed job: the same command again trains the next N steps)
     collective_timeout_s: float = 900.0  # a collective waiting this long for a rank that died or hangs fails,
                                        # naming the rank (covers slow checkpoint writes and start-up counting)
     keep_saved_plan: bool = False      # resume: continue with the checkpoint's stage plan (in steps) even though
@@ -403,8 +406,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("set schedule.warmup_epochs or schedule.warmup_steps, not both")
     if s.stage_steps and s.warmup_epochs:
         raise ConfigError("stages given in steps: give the warmup in steps too (schedule.warmup_steps)")
-    if o.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"optim.precision must be 'bf16' or 'fp32', got '{o.precision}'")
+    if o.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"optim.precision must be 'auto', 'bf16' or 'fp32', got '{o.precision}'")
     if o.micro_batch <= 0 or o.global_batch <= 0:
         raise ConfigError(f"optim.global_batch={o.global_batch} and optim.micro_batch={o.micro_batch} must be > 0")
     grad_accum_steps(cfg, 1)          # global a multiple of micro; the error lists micro-batch sizes that work
@@ -419,8 +422,9 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_eval(e: EvalConfig) -> None:
-    if not e.shards and (e.query_shards or e.synthetic_num):
-        raise ConfigError("eval.query_shards / eval.synthetic_num need eval.shards (the labelled kNN bank)")
+    if not e.shards:                 # `eval.shards=` turns the monitor off, whatever else the preset set for it
+        e.query_shards, e.synthetic_num = "", 0
+        return
     if e.k < 1 or e.temperature <= 0 or e.every_steps < 0 or e.query_every < 2 or e.max_images < 0:
         raise ConfigError("eval.k must be >= 1, eval.temperature > 0, eval.every_steps >= 0 (0: step 0 and stage "
                           "ends only), eval.query_every >= 2, eval.max_images >= 0")

@@ -4,7 +4,9 @@
 - a pattern (brace ranges, `::`-joined, `pipe:`, http): used as given;
 - a folder with `manifest.json` (written by `dbot-shards`): its shards and counts;
 - a folder of `.tar` shards without a manifest: read as shards; their samples are counted from the tar headers
-  once (rank 0) and the counts cached in the run folder, never written into the user's folder;
+  once (rank 0) and the counts cached in the run folder, never written into the user's folder. A shard the
+  loader cannot read at all (garbage, empty) is left out of the pattern, with a warning naming it; a damaged
+  (truncated) one counts the samples the loader can still read from it;
 - with `data.synthetic_num > 0` (the demo preset), a folder that does not exist or is empty: generated there.
   Generation goes to a sibling folder first and is renamed into place when complete, so a killed run never
   leaves a half-written dataset that would later be read as real shards.
@@ -15,16 +17,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .data import _local_path, expand_shards, shard_counts
+from .data import _local_path, _raw_samples, expand_shards, shard_counts
 from .distributed import barrier
 from .shards import MANIFEST, count_tar_samples, shard_pattern, write_synthetic_shards
 
 COUNTS_FILE = "shard_counts.json"      # in the run folder: counts of manifest-less shards
+_SHOWN_SKIPS = 10                      # skipped shards named one by one, in warnings and describe()
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,16 @@ class Dataset:
     num_samples: int
     source: str                      # where num_samples came from, for the start-up line
     manifest: str | None
+    skipped: tuple[tuple[str, str], ...] = ()    # (shard, why) left out of `pattern`: unreadable as a tar
 
     def describe(self) -> str:
-        return (f"data: {self.pattern}: {self.num_shards} shards, {self.num_samples} samples "
-                f"(count from {self.source})")
+        """The start-up line; names skipped shards, since the epoch is smaller than the folder suggests."""
+        line = f"data: {self.pattern}: {self.num_shards} shards, {self.num_samples} samples (count from {self.source})"
+        if not self.skipped:
+            return line
+        shown = ", ".join(f"{os.path.basename(s)} ({why})" for s, why in self.skipped[:_SHOWN_SKIPS])
+        more = f" and {len(self.skipped) - _SHOWN_SKIPS} more" if len(self.skipped) > _SHOWN_SKIPS else ""
+        return f"{line}; skipped {len(self.skipped)} corrupt shard(s): {shown}{more}"
 
 
 def resolve_dataset(cfg: Config, rank: int, run_dir: Path) -> Dataset:
@@ -131,12 +141,14 @@ def _sized(cfg: Config, pattern: str, rank: int, run_dir: Path) -> Dataset:
     d = cfg.data
     if d.num_samples and d.resampled:
         return Dataset(pattern, len(shards), d.num_samples, "data.num_samples", d.manifest or None)
-    manifest = d.manifest or None
+    manifest, skipped = d.manifest or None, ()
     if manifest is None and _without_manifest(shards):
         manifest = str(run_dir / COUNTS_FILE)
         if rank == 0:
             _count_into(shards, Path(manifest))
         barrier()
+        shards, skipped = _kept_shards(shards, Path(manifest))
+        pattern = "::".join(shards) if skipped else pattern
         source = f"tar headers, cached in {manifest}"
     else:
         source = f"data.manifest {manifest}" if manifest else "manifest.json beside the shards"
@@ -147,7 +159,7 @@ def _sized(cfg: Config, pattern: str, rank: int, run_dir: Path) -> Dataset:
     if d.num_samples and d.num_samples != total:
         raise ConfigError(f"data.num_samples={d.num_samples} but the shards hold {total} samples (from {source}); "
                           "leave data.num_samples at 0 with data.resampled=false")
-    return Dataset(pattern, len(shards), total, source, manifest)
+    return Dataset(pattern, len(shards), total, source, manifest, skipped)
 
 
 def _without_manifest(shards: list[str]) -> bool:
@@ -159,19 +171,28 @@ def _without_manifest(shards: list[str]) -> bool:
 
 def _count_into(shards: list[str], out: Path) -> None:
     """Count each shard's samples (reusing a cached count while its size and mtime are unchanged) and write
-    them to `out` in manifest format, keyed by file name as `shard_counts` looks them up."""
+    them to `out` in manifest format, keyed by file name as `shard_counts` looks them up. Shards the loader
+    cannot read are listed under "skipped" instead (with why), so that every rank leaves them out alike."""
     cached = json.loads(out.read_text()).get("files", {}) if out.exists() else {}
-    entries, files, start = [], {}, time.monotonic()
+    entries, files, skipped, start = [], {}, [], time.monotonic()
     for i, url in enumerate(shards):
         path = _local_path(url)
         st = os.stat(path)
         key, stamp = os.path.abspath(path), [st.st_size, st.st_mtime_ns]
         hit = cached.get(key)
-        n = hit["num_samples"] if hit and hit["stamp"] == stamp else count_tar_samples(path)
-        files[key] = {"stamp": stamp, "num_samples": n}
+        n, problem = (hit["num_samples"], None) if hit and hit["stamp"] == stamp else _count_shard(url)
+        if n == 0 and problem:
+            skipped.append({"url": url, "reason": problem})
+            continue
+        if problem:
+            print(f"[dbot] shard {path} is damaged ({problem}): counted the {n} samples the loader can read "
+                  "from it", flush=True)
+        else:             # only clean shards are cached: a damaged one is looked at again on the next start
+            files[key] = {"stamp": stamp, "num_samples": n}
         entries.append({"name": os.path.basename(path), "num_samples": n})
         if time.monotonic() - start > 10 and i % 100 == 0:
             print(f"[dbot] counting samples: {i + 1}/{len(shards)} shards", flush=True)
+    _warn_skipped(skipped, len(shards))
     names = [e["name"] for e in entries]
     if len(set(names)) != len(names):
         raise ConfigError("shards from different folders share file names; write a manifest for them with "
@@ -179,6 +200,41 @@ def _count_into(shards: list[str], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"num_samples": sum(e["num_samples"] for e in entries), "shards": entries,
-                               "files": files}))
+                               "files": files, "skipped": skipped}))
     os.replace(tmp, out)
 
+
+def _count_shard(url: str) -> tuple[int, str | None]:
+    """(samples, None) from the tar headers, which is fast (seeks over the data); if those cannot be read,
+    (samples, why) where the samples are those the loader's own reader (`data._raw_samples`, which skips
+    what it cannot read) gets from the file: 0 for garbage or an empty file, the intact samples before the
+    cut of a truncated tar. So the epoch size the stage plan uses is what training will actually read."""
+    try:
+        return count_tar_samples(_local_path(url)), None
+    except Exception as e:  # noqa: BLE001 - tarfile raises ReadError, OSError, ValueError ... for bad files
+        problem = f"{'tarfile' if isinstance(e, tarfile.TarError) else type(e).__name__}: {e}"
+    return sum(1 for _ in _raw_samples(url, count=False)), problem
+
+
+def _warn_skipped(skipped: list[dict], total: int) -> None:
+    """Name each skipped shard on stdout (the first few, if many): the epoch is smaller than the folder."""
+    if not skipped or len(skipped) == total:
+        return                                     # none skipped, or none left: `_kept_shards` raises
+    for s in skipped[:_SHOWN_SKIPS]:
+        print(f"[dbot] skipped corrupt shard {_local_path(s['url'])} ({s['reason']}): "
+              f"{total - len(skipped)} of {total} shards used", flush=True)
+    if len(skipped) > _SHOWN_SKIPS:
+        print(f"[dbot] ... and {len(skipped) - _SHOWN_SKIPS} more corrupt shards skipped", flush=True)
+
+
+def _kept_shards(shards: list[str], counts: Path) -> tuple[list[str], tuple[tuple[str, str], ...]]:
+    """(shards to read, (shard, why) skipped), from the verdict rank 0 wrote to `counts`, so all ranks agree.
+    A ConfigError on every rank when no shard is readable, naming the folder and the first file's error."""
+    bad = {s["url"]: s["reason"] for s in json.loads(counts.read_text()).get("skipped", [])}
+    kept = [s for s in shards if s not in bad]
+    if not kept:
+        first = _local_path(shards[0])
+        raise ConfigError(f"no readable shard in {os.path.dirname(os.path.abspath(first))}: all {len(shards)} "
+                          f".tar files fail to read as tar archives, e.g. {first}: {bad[shards[0]]}; "
+                          "point data.shards at webdataset shards")
+    return kept, tuple((s, bad[s]) for s in shards if s in bad)

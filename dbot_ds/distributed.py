@@ -26,15 +26,14 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed through DeepSpeed; returns (rank, world_size, device).
+def init_process_group(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """torch.distributed's process group (no DeepSpeed yet); returns (rank, world_size, device).
 
-    A plain `python` process has no RANK/WORLD_SIZE/MASTER_*: without them DeepSpeed falls back to MPI
-    discovery and fails, so a world of one is declared here. Rank and world size always come from
-    torch.distributed (accelerate's state can report 1 process under its DeepSpeed plugin on CPU). Every
-    collective fails after `timeout_s` seconds instead of waiting forever for a rank that hangs."""
-    import deepspeed
-
+    A plain `python` process has no RANK/WORLD_SIZE/MASTER_*: DeepSpeed would fall back to MPI discovery and
+    fail, so a world of one is declared here. Rank and world size always come from torch.distributed
+    (accelerate's state can report 1 process under its DeepSpeed plugin on CPU). Every collective fails after
+    `timeout_s` seconds instead of waiting forever for a rank that hangs. Split from `init_deepspeed` so that a
+    run checks its data (a collective) before DeepSpeed builds its CPU op (minutes on first use)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -51,13 +50,31 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
         # Created here, not by DeepSpeed: on its CPU accelerator DeepSpeed 0.19.8 builds the gloo group without
         # the timeout it is given.
         dist.init_process_group(backend=backend, timeout=timeout)
-    if not cuda and local_rank == 0:
-        _remove_stale_cpu_shm_buffers()          # before DeepSpeed creates this launch's own
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def init_deepspeed(timeout_s: float = 600.0) -> None:
+    """DeepSpeed's communication layer over the existing group. On a CPU it builds (once per environment, in
+    C++) and maps its shared-memory all-reduce: announced, and an interrupted earlier build cleared first."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    backend, timeout = ("nccl" if cuda else "gloo"), timedelta(seconds=timeout_s)
+    if not cuda and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        _remove_stale_cpu_shm_buffers()          # before DeepSpeed creates this launch's own
+        from .op_build import prepare_op_builds
+        prepare_op_builds()     # says that the shm op is built (minutes, once); clears an interrupted build's leftovers
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     if not cuda:
         atexit.register(_unlink_cpu_shm_buffers, dist.get_rank())
-    return dist.get_rank(), dist.get_world_size(), device
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """Both steps at once (benchmarks and probes): returns (rank, world_size, device)."""
+    rank, world, device = init_process_group(timeout_s)
+    init_deepspeed(timeout_s)
+    return rank, world, device
 
 
 def _unlink_cpu_shm_buffers(rank: int) -> None:

@@ -61,6 +61,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed config for the student: the JSON's ZeRO settings + batch, clipping and precision from cfg."""
     ds = load_ds_json(cfg.deepspeed.config)
     o = cfg.optim
+    if o.precision not in ("bf16", "fp32"):      # "auto" is resolved by the trainer for its device (precision.py)
+        raise ValueError(f"optim.precision={o.precision!r} must be resolved to bf16 or fp32 before building an engine")
     ds.update(train_batch_size=o.global_batch, train_micro_batch_size_per_gpu=o.micro_batch,
               gradient_accumulation_steps=grad_accum_steps(cfg, world_size),
               gradient_clipping=o.clip_grad,

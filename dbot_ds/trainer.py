@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from . import precision
 from .ckpt_safety import load_teacher_file
 from .config import Config, ConfigError, config_diff, dump_config, grad_accum_steps
 from .data import Augment, build_train_loader, epoch_batches_per_rank, mix_seed, normalize, shard_counts
 from .dataset import Dataset, resolve_dataset, resolve_eval_shards
-from .distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed, world_size_from_env
+from .distributed import all_reduce_max, all_reduce_sum, barrier, init_deepspeed, init_process_group, world_size_from_env
 from .guards import NonFiniteLoss, SkippedSteps, TooManySkippedSteps, where
 from .epochs import Geometry, StreamState
 from .engine import build_ds_config, full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
@@ -58,8 +60,9 @@ def check_resume(cfg: Config, meta: dict, world_size: int, zstage: int, tag: str
     diff = config_diff(saved["config"], cfg.to_dict(), RESUME_KEYS)
     if diff:
         lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
-        raise ConfigError(f"checkpoint {tag} was written with a different config ({lines}). Restore those values, "
-                          "or start a new run folder (run.out_dir=...) / pass --resume none after moving it away")
+        hint = (" (optim.precision=auto continues in the checkpoint's precision)" if "optim.precision" in diff else "")
+        raise ConfigError(f"checkpoint {tag} was written with a different config ({lines}). Restore those values"
+                          f"{hint}, or start a new run folder (run.out_dir=...) / pass --resume none after moving it away")
     if not cfg.data.resampled and not saved.get("data_stream") and _geometry(cfg, world_size) != _saved_geometry(saved):
         raise ConfigError(
             f"checkpoint {tag} predates per-reader data positions, so its exact-epoch stream (data.resampled=false) "
@@ -115,12 +118,12 @@ class Trainer:
         self.cfg = cfg
         self.trust_checkpoint = trust_checkpoint      # skip the pickle scan of the resumed tag (ckpt_safety)
         grad_accum_steps(cfg, world_size_from_env())       # batch arithmetic error before anything is built
-        self.rank, self.world, self.device = init_distributed(cfg.run.collective_timeout_s)
+        self.rank, self.world, self.device = init_process_group(cfg.run.collective_timeout_s)
         self.heartbeat = Heartbeat(self.rank, self.world, interval_s=min(10.0, cfg.run.collective_timeout_s / 4))
         self.accum = grad_accum_steps(cfg, self.world)
-        self.dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float32
         self.run_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.dtype = self._choose_precision(resume)
         raise_together(probe_writable(self.run_dir) if self.rank == 0 else None)   # read-only / full: one line
         self.dataset = resolve_dataset(cfg, self.rank, self.run_dir)
         self.pattern = self.dataset.pattern
@@ -135,6 +138,10 @@ class Trainer:
             self.monitor = self._build_monitor()     # labelled kNN set decoded and checked before the engine
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from e
+        self.external, self.teacher_dim = None, cfg.model.embed_dim     # teacher files read and checked here too
+        if cfg.teacher.source != "bootstrap":          # weights from elsewhere: the predictor follows its width
+            self.external, self.teacher_dim = external_teacher(cfg)
+        init_deepspeed(cfg.run.collective_timeout_s)  # only now: on a CPU it may build an op for minutes
         self.zstage = zero_stage(build_ds_config(cfg, self.world))
         self.universal_tag: str | None = None           # set when the checkpoint's layout differs from ours
         self.resume_dir, tag = self._resume_tag(resume)
@@ -147,6 +154,31 @@ class Trainer:
         self._reset_window()
 
     # -- setup ---------------------------------------------------------------------------------------------
+    def _choose_precision(self, resume: str) -> torch.dtype:
+        """Resolve optim.precision (auto: what this device runs natively, or a resumed checkpoint's own) into the
+        config, so config.yaml and every checkpoint record what the run trains in; say which and why."""
+        requested = self.cfg.optim.precision
+        choice = precision.choose(requested, self.device)
+        tag_dir = self._peek_resume(resume)
+        if tag_dir is not None:
+            saved = ckpt.read_meta(tag_dir.parent, tag_dir.name)["client_state"]["config"]["optim"].get("precision")
+            choice = precision.for_resume(requested, choice, saved, tag_dir.name, self.device)
+        self.cfg.optim.precision = choice.precision
+        if self.rank == 0:
+            print(f"[dbot] precision: {choice.precision} ({choice.reason})", flush=True)
+            if choice.warning:
+                print(f"[dbot] warning: {choice.warning}", file=sys.stderr, flush=True)
+        return precision.dtype(choice.precision)
+
+    def _peek_resume(self, resume: str) -> Path | None:
+        """The complete checkpoint folder `--resume` points at, if any (the full checks come in _resume_tag)."""
+        if resume == "none":
+            return None
+        if resume != "auto":
+            return Path(resume) if (Path(resume) / "COMPLETE").exists() else None
+        tag = ckpt.find_resume_tag(self.ckpt_dir)
+        return self.ckpt_dir / tag if tag else None
+
     def _build_monitor(self) -> KnnMonitor | None:
         if not self.cfg.eval.shards:
             return None
@@ -184,9 +216,7 @@ class Trainer:
         cfg = self.cfg
         self.teacher = Teacher(cfg, self.device, self.dtype)
         self.resumed: dict | None = None
-        external, self.teacher_dim = None, cfg.model.embed_dim
-        if cfg.teacher.source != "bootstrap":          # weights from elsewhere: the predictor follows its width
-            external, self.teacher_dim = external_teacher(cfg)
+        external, self.external = self.external, None   # adopted by the teacher below; not kept twice
         student = build_student(cfg.model, teacher_dim=self.teacher_dim, seed=mix_seed(cfg.run.seed, 0))
         initial_encoder = {k: v.detach().clone() for k, v in student.encoder.named_parameters()}
         self.engine, self.ds_config = init_student_engine(student.to(self.device), cfg, self.world, self.device,
@@ -242,6 +272,7 @@ class Trainer:
     def fit(self) -> Path:
         """Train until the plan ends (or run.stop_after_steps); returns the run folder."""
         cfg, plan = self.cfg, self.plan
+        stop_at = self.step + cfg.run.stop_after_steps if cfg.run.stop_after_steps else None   # this invocation's
         if self.monitor and self.step == 0:
             self._evaluate("student")                                     # the random initial encoder
         while self.step < plan.total_steps:
@@ -251,7 +282,7 @@ class Trainer:
             self.samples_seen += cfg.optim.global_batch
             self.metrics.step()
             stage_end = plan.is_stage_end(self.step)
-            stopping = bool(cfg.run.stop_after_steps) and self.step >= cfg.run.stop_after_steps
+            stopping = stop_at is not None and self.step >= stop_at
             due_save = stage_end or self.step % cfg.run.save_every == 0 or stopping   # a time-boxed stop saves first
             if due_save or self.step % cfg.run.log_every == 0:
                 self._sync_and_log()

@@ -23,7 +23,8 @@ OPTIM = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 def common(shards: str, out: Path) -> list[str]:
     return TINY + [f"data.shards={shards}", f"run.out_dir={out}", "schedule.stage_steps=[2,2]",
-                   "schedule.warmup_steps=1", "optim.micro_batch=16", "run.save_every=100"]
+                   "schedule.warmup_steps=1", "optim.micro_batch=16", "run.save_every=100",
+                   "optim.precision=bf16"]     # the subject: the files DeepSpeed writes for a bf16 run (GPU recipes)
 
 
 @pytest.fixture(scope="module")

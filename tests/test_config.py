@@ -71,22 +71,22 @@ def test_config_file_and_dump_round_trip(tmp_path):
 
 def test_deepspeed_json_may_not_restate_project_values(tmp_path):
     from dbot_ds.engine import build_ds_config
-    cfg = load_config(overrides=BASE + ["optim.global_batch=64", "optim.micro_batch=16", "optim.clip_grad=3"])
+    cfg = load_config(overrides=BASE + ["optim.precision=bf16", "optim.global_batch=64", "optim.micro_batch=16", "optim.clip_grad=3"])
     ds = build_ds_config(cfg, 2)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 16, 2)
     assert ds["gradient_clipping"] == 3.0 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
     # DeepSpeed's throughput timer syncs the device twice per micro-step: off unless the JSON asks for it.
     assert ds["timers"] == {"throughput": {"enabled": False}}
-    off = build_ds_config(load_config(overrides=BASE + ["optim.skip_nonfinite_steps=false"]), 1)
+    off = build_ds_config(load_config(overrides=BASE + ["optim.precision=bf16", "optim.skip_nonfinite_steps=false"]), 1)
     assert off["bf16"]["check_grad_overflow"] is False
     timed = tmp_path / "timed.json"
     timed.write_text(json.dumps({"zero_optimization": {"stage": 2}, "timers": {"throughput": {"enabled": True}}}))
-    assert build_ds_config(load_config(overrides=BASE + [f"deepspeed.config={timed}"]), 1)["timers"]["throughput"]["enabled"]
+    assert build_ds_config(load_config(overrides=BASE + ["optim.precision=bf16", f"deepspeed.config={timed}"]), 1)["timers"]["throughput"]["enabled"]
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
     with pytest.raises(ConfigError, match="train_batch_size"):
-        build_ds_config(load_config(overrides=BASE + [f"deepspeed.config={bad}"]), 1)
+        build_ds_config(load_config(overrides=BASE + ["optim.precision=bf16", f"deepspeed.config={bad}"]), 1)
 
 
 def test_readme_documents_every_config_key():
@@ -100,10 +100,10 @@ def test_readme_documents_every_config_key():
 def test_accelerate_names_the_deepspeed_json_once(monkeypatch):
     from dbot_ds.engine import DS_CONFIG_DIR as ROOT_DS_CONFIGS, build_ds_config
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT_DS_CONFIGS / "zero3.json"))
-    assert build_ds_config(load_config(overrides=BASE), 1)["zero_optimization"]["stage"] == 3
-    assert build_ds_config(load_config(overrides=BASE + ["deepspeed.config=zero3"]), 1)["zero_optimization"]["stage"] == 3
+    assert build_ds_config(load_config(overrides=BASE + ["optim.precision=fp32"]), 1)["zero_optimization"]["stage"] == 3
+    assert build_ds_config(load_config(overrides=BASE + ["optim.precision=fp32", "deepspeed.config=zero3"]), 1)["zero_optimization"]["stage"] == 3
     with pytest.raises(ConfigError, match="differs from the deepspeed_config_file"):
-        build_ds_config(load_config(overrides=BASE + ["deepspeed.config=zero2"]), 1)
+        build_ds_config(load_config(overrides=BASE + ["optim.precision=fp32", "deepspeed.config=zero2"]), 1)
 
 
 def test_a_key_given_twice_is_an_error_that_mentions_quoting():

@@ -115,8 +115,8 @@ def test_three_stage_presets_plan(name, depths):
 
 def test_grad_reduce_dtype_maps_to_communication_data_type():
     from dbot_ds.engine import build_ds_config
-    assert build_ds_config(load_config(preset="demo"), 2)["communication_data_type"] == "fp32"
-    ds = build_ds_config(load_config(preset="demo", overrides=["optim.grad_reduce_dtype=bf16"]), 2)
+    assert build_ds_config(load_config(preset="vit_b"), 2)["communication_data_type"] == "fp32"
+    ds = build_ds_config(load_config(preset="vit_b", overrides=["optim.grad_reduce_dtype=bf16"]), 2)
     assert ds["communication_data_type"] == "bf16"
     ds = build_ds_config(load_config(preset="demo", overrides=["optim.precision=fp32"]), 2)
     assert ds["communication_data_type"] == "fp32"          # fp32 gradients are never reduced in bf16

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from dbot_ds.config import ConfigError, load_config
 from dbot_ds.dataset import COUNTS_FILE, resolve_dataset
@@ -110,3 +114,71 @@ def test_dbot_shards_manifest_command(user_shards):
 def test_write_synthetic_is_counted_like_the_loader(tmp_path):
     write_synthetic_shards(tmp_path, 10, img_size=16, per_shard=4)
     assert [count_tar_samples(p) for p in sorted(tmp_path.glob("*.tar"))] == [4, 4, 2]
+
+
+@pytest.fixture
+def three_good_one_garbage(tmp_path) -> Path:
+    """Three generated shards (10 + 10 + 5 samples), no manifest, and shard-000003.tar of random bytes."""
+    folder = tmp_path / "mixed"
+    write_synthetic_shards(folder, 25, img_size=16, per_shard=10)
+    (folder / MANIFEST).unlink()
+    (folder / "shard-000003.tar").write_bytes(os.urandom(4096))
+    return folder
+
+
+def test_corrupt_shard_is_skipped_and_named(three_good_one_garbage, tmp_path, capsys):
+    bad = three_good_one_garbage / "shard-000003.tar"
+    run = tmp_path / "run"
+    for _ in range(2):                             # the second start must not find it cached as good
+        d = resolve_dataset(cfg(shards=three_good_one_garbage, resampled="false"), 0, run)
+        assert (d.num_shards, d.num_samples) == (3, 25)
+        assert "shard-000003" not in d.pattern and len(d.pattern.split("::")) == 3
+        out = capsys.readouterr().out
+        assert f"[dbot] skipped corrupt shard {bad} (tarfile: " in out and "3 of 4 shards used" in out
+        assert d.skipped == ((str(bad), d.skipped[0][1]),) and "skipped 1 corrupt shard(s): shard-000003.tar" \
+            in d.describe()
+        counts = json.loads((run / COUNTS_FILE).read_text())
+        assert str(bad) not in counts["files"] and len(counts["files"]) == 3
+        assert [e["name"] for e in counts["shards"]] == [f"shard-00000{i}.tar" for i in range(3)]
+
+
+def test_shard_that_goes_bad_after_it_was_cached_is_recounted(tmp_path, capsys):
+    folder = tmp_path / "data"
+    write_synthetic_shards(folder, 20, img_size=16, per_shard=10)
+    (folder / MANIFEST).unlink()
+    run = tmp_path / "run"
+    assert resolve_dataset(cfg(shards=folder), 0, run).num_samples == 20
+    (folder / "shard-000001.tar").write_bytes(b"")                    # emptied: size and mtime change
+    d = resolve_dataset(cfg(shards=folder), 0, run)
+    assert (d.num_shards, d.num_samples) == (1, 10) and "shard-000001" not in d.pattern
+    assert "skipped corrupt shard" in capsys.readouterr().out
+
+
+def test_folder_of_only_garbage_is_a_config_error_naming_the_file(tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"shard-00000{i}.tar").write_bytes(os.urandom(2048))
+    with pytest.raises(ConfigError, match=f"no readable shard in {re.escape(str(folder))}: .*"
+                       f"{re.escape(str(folder / 'shard-000000.tar'))}: tarfile"):
+        resolve_dataset(cfg(shards=folder), 0, tmp_path / "run")
+
+
+def test_truncated_shard_counts_what_the_loader_reads(tmp_path, capsys):
+    """A tar cut inside a JPEG keeps its intact samples (and the cut sample's `cls`, read before the JPEG):
+    the count is what webdataset's reader with a skipping handler (as in data.py) yields, so the epoch the stage
+    plan assumes is the one training reads; it is not cached, so a repaired copy is counted afresh."""
+    folder = tmp_path / "data"
+    write_synthetic_shards(folder, 20, img_size=16, per_shard=10)
+    (folder / MANIFEST).unlink()
+    cut = folder / "shard-000001.tar"
+    with tarfile.open(cut) as tf:
+        jpeg = [m for m in tf.getmembers() if m.name.endswith(".jpg")][6]
+    os.truncate(cut, jpeg.offset_data + jpeg.size // 2)
+    readable = sum(1 for _ in wds.tarfile_to_samples(handler=lambda e: True)([{"url": str(cut)}]))
+    assert readable == 7                           # samples 0-5 whole, sample 6 without its image
+    run = tmp_path / "run"
+    d = resolve_dataset(cfg(shards=folder, resampled="false"), 0, run)
+    assert (d.num_shards, d.num_samples, d.skipped) == (2, 10 + readable, ())
+    assert f"shard {cut} is damaged (tarfile: unexpected end of data): counted the 7 samples" in capsys.readouterr().out
+    assert str(cut) not in json.loads((run / COUNTS_FILE).read_text())["files"]

@@ -61,11 +61,12 @@ def test_resume_on_other_world_sizes_and_zero_stages(tmp_path):
     runs, probe = tmp_path / "run", tmp_path / "probe"
     probe.mkdir()
     out = [f"run.out_dir={runs}"]
-    # (ranks, ZeRO config, stop after): every resume lands one step before a stage end.
+    # (ranks, ZeRO config, stop at step): every resume lands one step before a stage end.
     chain = [(2, "zero2", 1), (0, "zero2", 3), (2, "zero2", 5), (2, "zero3", 7), (2, "zero2", 0)]
     previous = None
     for nproc, ds, stop in chain:
-        tail = _launch(nproc, common + out + [f"deepspeed.config={ds}", f"run.stop_after_steps={stop}"], probe)
+        steps = stop - (previous or 0) if stop else 0         # run.stop_after_steps counts this launch's steps
+        tail = _launch(nproc, common + out + [f"deepspeed.config={ds}", f"run.stop_after_steps={steps}"], probe)
         if previous is not None:
             world, zero = max(nproc, 1), int(ds[4])
             assert "converting" in tail and "universal format" in tail

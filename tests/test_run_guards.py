@@ -23,7 +23,8 @@ def test_skipped_steps_are_counted_and_a_run_of_them_stops(tmp_path, shards, ds,
     in a row: the run stops at the next sync, before the checkpoint due at step 8, naming step 6)."""
     monkeypatch.setenv("DBOT_POISON_STEPS", "2,6,7,8")
     overrides = TINY + [f"data.shards={shards}", f"run.out_dir={tmp_path}", "schedule.stage_steps=[12]",
-                        "schedule.warmup_steps=1", "run.log_every=4", "run.save_every=4", f"deepspeed.config={ds}"]
+                        "schedule.warmup_steps=1", "run.log_every=4", "run.save_every=4", f"deepspeed.config={ds}",
+                        "optim.precision=bf16"]      # the subject: DeepSpeed's bf16 overflow check
     proc = run(deepspeed_cmd(2) + ["tests/skip_probe.py", "--preset", "demo"] + overrides)
     assert proc.returncode == 3, proc.tail
     assert ("DeepSpeed skipped 3 optimizer steps in a row, from stage 0, step 6 of the stage (global step 6)"
@@ -37,7 +38,7 @@ def test_skipped_steps_are_counted_and_a_run_of_them_stops(tmp_path, shards, ds,
 def test_isolated_skip_is_logged_not_fatal(tmp_path, shards, monkeypatch):
     monkeypatch.setenv("DBOT_POISON_STEPS", "3")
     overrides = TINY + [f"data.shards={shards}", f"run.out_dir={tmp_path}", "schedule.stage_steps=[4]",
-                        "optim.micro_batch=16", "run.log_every=2", "run.save_every=100"]
+                        "optim.micro_batch=16", "run.log_every=2", "run.save_every=100", "optim.precision=bf16"]
     proc = run(["python", "tests/skip_probe.py", "--preset", "demo"] + overrides)
     assert proc.returncode == 0, proc.tail
     assert [(m["step"], m["skipped_steps"]) for m in _records(tmp_path)] == [(2, 0), (4, 1)]
@@ -144,7 +145,8 @@ def test_full_disk_keeps_latest_and_resume_continues(tmp_path, shards, mounts):
 
 
 def test_time_boxed_stop_saves_first_and_logs_plain_lines(tmp_path, shards):
-    """run.stop_after_steps off the save grid still writes a checkpoint (and says where); output that is not a
+    """run.stop_after_steps off the save grid still writes a checkpoint (and says where), and counts the steps of
+    each invocation (a time-boxed job run again trains the next N steps); output that is not a
     terminal gets plain log lines instead of a tqdm bar redrawn with carriage returns."""
     common = TINY + [f"data.shards={shards}", f"run.out_dir={tmp_path}", "schedule.stage_steps=[3,3]",
                      "optim.micro_batch=16", "run.save_every=100", "run.log_every=1", "run.progress=true"]
@@ -153,7 +155,10 @@ def test_time_boxed_stop_saves_first_and_logs_plain_lines(tmp_path, shards):
     stopped = [m for m in read_metrics(tmp_path) if m.get("event") == "stopped"]
     assert stopped[0]["checkpoint"].endswith("checkpoints/step00000002")
     assert "[dbot] step 2/6 stage=0 loss=" in proc.tail and "\r" not in proc.tail
+    proc = launch_pretrain(0, common + ["run.stop_after_steps=2"])       # the same command: the next 2 steps
+    assert "at step 2 (stage 0)" in proc.tail and "[dbot] step 4/6" in proc.tail
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000004"
     proc = launch_pretrain(0, common)
-    assert "at step 2 (stage 0)" in proc.tail and "done: step 6/6" in proc.tail
+    assert "at step 4 (stage 1)" in proc.tail and "done: step 6/6" in proc.tail
     proc = launch_pretrain(0, common)                                    # nothing left to train
     assert "at step 6 (all stages finished)" in proc.tail
