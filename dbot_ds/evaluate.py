@@ -14,7 +14,10 @@ What it measures:
   Without --query, every --query-every-th --train image is a query and the rest is the bank.
 - Features: `forward_features` tokens [B, 1 + N, D] after the final norm, pooled ("mean" of the patch tokens and
   "cls") and L2-normalised, fp32 (`dbot_ds.knn.extract`).
-- knn: DINO's weighted kNN (k=20, T=0.07) for both pools.
+- knn: DINO's weighted kNN (k=20, T=0.07) for both pools, in percent rounded to 3 decimals. On a run's
+  `stage_encoders/stageK` with the run's eval.* settings (monitor.py's docstring maps them to these options) these
+  are exactly the four numbers of the online monitor's stage-end `eval` record for stage K: both score the fp32
+  weights in fp32 through the same timm model, features (knn.gathered_features) and vote (knn.knn_scores).
 - linear: MAE's linear-probe head (BatchNorm without affine, then Linear) on cached features; see
   `train_linear_probe`.
 

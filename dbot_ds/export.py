@@ -100,7 +100,22 @@ class CheckpointRef:
 
     @property
     def num_stages(self) -> int:
-        return len(self.client.get("plan_lengths", []))
+        lengths = self.client.get("plan_lengths")
+        if lengths:
+            return len(lengths)
+        schedule = self.config.get("schedule", {})
+        return len(schedule.get("stage_steps") or schedule.get("stage_epochs") or [])
+
+    @property
+    def run_finished(self) -> bool:
+        """The final checkpoint: saved after the last stage ended (COMPLETE's stage is then num_stages, a stage
+        that does not exist)."""
+        return self.num_stages > 0 and self.stage >= self.num_stages
+
+    @property
+    def last_stage(self) -> int:
+        """The stage this checkpoint belongs to: its recorded stage, or for the final checkpoint the last stage."""
+        return min(self.stage, self.num_stages - 1) if self.num_stages else self.stage
 
     @property
     def post_swap(self) -> bool:
@@ -110,11 +125,11 @@ class CheckpointRef:
 
     def student_stage(self) -> int:
         """The stage whose student this checkpoint holds (final checkpoint: the last stage)."""
-        return min(self.stage, self.num_stages - 1)
+        return self.last_stage
 
     def teacher_source_stage(self) -> int | None:
         """The stage whose trained student the teacher is; None for stage 0's random initial teacher."""
-        serving = min(self.stage, self.num_stages - 1)   # the stage this teacher teaches
+        serving = self.last_stage                        # the stage this teacher teaches
         return serving - 1 if serving > 0 else None
 
 
@@ -386,8 +401,9 @@ def _prepare(ref: CheckpointRef, which: str, trust: bool = False) -> tuple[dict[
     timm_state, info = _timm_export(state, mcfg, depth, final_norm)
     info.update({
         "which": which, "weights": precision, "trained_in_stage": source,
-        # The checkpoint's position: stage == num_stages means the run had finished all its stages.
-        "stage": ref.stage, "run_finished": ref.stage >= ref.num_stages,
+        # The stage the checkpoint belongs to (0 .. num_stages - 1): the final checkpoint, whose COMPLETE record
+        # says stage == num_stages, is the last stage's, with run_finished true.
+        "stage": ref.last_stage, "run_finished": ref.run_finished,
         "step": ref.step, "tag": ref.tag, "stage_end": bool(ref.meta.get("stage_end")),
         "num_stages": ref.num_stages, "zero_stage": ref.client.get("zero_stage"),
         "world_size": ref.client.get("world_size"), "checkpoint": str(ref.path.resolve()),
@@ -456,6 +472,26 @@ def _export_files(export_dir: str | os.PathLike, name: str) -> tuple[Path, Path]
     return st, js
 
 
+def _timm_model(timm_arch: str, timm_kwargs: dict, timm_state: dict[str, torch.Tensor]) -> nn.Module:
+    """`timm.create_model(timm_arch, num_classes=0, **timm_kwargs)` holding `timm_state` (strict), on the CPU."""
+    import timm
+    model = timm.create_model(timm_arch, pretrained=False, num_classes=0, **timm_kwargs)
+    model.load_state_dict(timm_state, strict=True)
+    return model
+
+
+def timm_encoder(state: dict[str, torch.Tensor], mcfg: ModelConfig, depth: int | None = None,
+                 final_norm: bool = True) -> nn.Module:
+    """Encoder weights `state` (our names, no pos_embed) as the timm VisionTransformer that `dbot-export` would
+    write and `load_encoder` would return for them: fp32, eval mode, on the CPU. The kNN monitor scores a stage's
+    encoder through it, so its numbers are those of `dbot-eval` on the stage's export."""
+    depth = mcfg.depth if depth is None else depth
+    _check_against_encoder(state, mcfg, depth, final_norm, "encoder")
+    timm_state, info = _timm_export({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, mcfg,
+                                    depth, final_norm)
+    return _timm_model(info["timm_arch"], info["timm_kwargs"], timm_state).eval()
+
+
 def load_encoder(export_dir: str | os.PathLike, device: str | torch.device = "cpu", name: str = "encoder") -> nn.Module:
     """The exported encoder as a timm VisionTransformer (no head), fp32, in eval mode on `device`.
 
@@ -463,12 +499,10 @@ def load_encoder(export_dir: str | os.PathLike, device: str | torch.device = "cp
     the `--also-teacher` export. Weights are read with safetensors (no pickle) and loaded with strict=True. The
     model's `pretrained_cfg` carries the training normalisation (ImageNet mean/std) and input size, so
     `timm.data.resolve_data_config(model=model)` gives matching eval transforms."""
-    import timm
     from safetensors.torch import load_file
     st, js = _export_files(export_dir, name)
     info = json.loads(js.read_text())
-    model = timm.create_model(info["timm_arch"], pretrained=False, num_classes=0, **info["timm_kwargs"])
-    model.load_state_dict(load_file(str(st)), strict=True)
+    model = _timm_model(info["timm_arch"], info["timm_kwargs"], load_file(str(st)))
     size = int(info.get("img_size", model.patch_embed.img_size[0]))
     model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, mean=tuple(info.get("mean", IMAGENET_MEAN)),
                                 std=tuple(info.get("std", IMAGENET_STD)), input_size=(3, size, size),
@@ -531,11 +565,26 @@ def cli(argv: list[str] | None = None) -> int:
     info = json.loads(files[1].read_text())
     for f in files:
         print(f"[dbot-export] wrote {f}")
-    source = info["tag"] or f"the end of stage {info['stage']}"
-    print(f"[dbot-export] {info['which']} of {source} (stage {info['stage']}, step {info['step']}): "
+    print(f"[dbot-export] {describe(info)}: "
           f"timm.create_model({info['timm_arch']!r}, num_classes=0, **{info['timm_kwargs']}); "
           f"or dbot_ds.load_encoder({str(Path(args.out))!r})")
     return 0
+
+
+def describe(info: dict) -> str:
+    """Where an export's weights come from, from its encoder.json: e.g. 'student of step00000192 (stage 1
+    (final), step 192)', 'teacher of step00000096 (stage 1, step 96; trained in stage 0)', 'student of the end of
+    stage 0 (stage 0, step 96)'. Only stages that exist are named (0 .. num_stages - 1)."""
+    stage = info["stage"]
+    position = f"stage {stage}" + (" (final)" if info.get("run_finished") else "")
+    source = info["tag"] or f"the end of stage {stage}"
+    trained = info.get("trained_in_stage", stage)
+    if trained != stage:
+        position += f", step {info['step']}; " + ("stage 0's random initial encoder, not trained" if trained is None
+                                                  else f"trained in stage {trained}")
+    else:
+        position += f", step {info['step']}"
+    return f"{info['which']} of {source} ({position})"
 
 
 if __name__ == "__main__":

@@ -202,12 +202,13 @@ def weighted_knn(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
 
 def knn_scores(bank: dict[str, torch.Tensor], bank_labels: torch.Tensor, query: dict[str, torch.Tensor],
                query_labels: torch.Tensor, k: int, temperature: float) -> dict[str, float]:
-    """{"knn_top1_mean", "knn_top5_mean", "knn_top1_cls", "knn_top5_cls"} from pooled features of both sets."""
+    """{"knn_top1_mean", "knn_top5_mean", "knn_top1_cls", "knn_top5_cls"} from pooled features of both sets, in
+    percent rounded to 3 decimals (the kNN monitor's `eval` records and `dbot-eval knn` both report these)."""
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     out = {}
     for p in POOLS:
         t1, t5 = weighted_knn(bank[p], bank_labels, query[p], query_labels, k, temperature, num_classes)
-        out[f"knn_top1_{p}"], out[f"knn_top5_{p}"] = t1, t5
+        out[f"knn_top1_{p}"], out[f"knn_top5_{p}"] = round(t1, 3), round(t5, 3)
     return out
 
 

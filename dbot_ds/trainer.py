@@ -31,7 +31,7 @@ from .epochs import Geometry, StreamState
 from .engine import build_ds_config, full_fp32_state, init_student_engine, reset_adam, set_lr, write_student_weights, zero_stage
 from .export import write_stage_encoder
 from .metrics import MetricsLogger
-from .models import BeitEncoder, Encoder, build_student
+from .models import build_student
 from .monitor import KnnMonitor
 from .objective import loss_fn
 from .reshard import ensure_universal, load_universal
@@ -414,31 +414,18 @@ class Trainer:
 
     def _evaluate(self, which: str, encoder_state: dict[str, torch.Tensor] | None = None) -> None:
         """Log the monitor's kNN of the student (the engine's weights, or `encoder_state` at a stage end) or of
-        the teacher as an `eval` record. A collective."""
+        the teacher as an `eval` record. A collective. A stage end's fp32 encoder is scored in fp32 whatever
+        optim.precision (KnnMonitor.evaluate_encoder: the numbers of `dbot-eval knn` on stage_encoders/stageK)."""
         stage = self.plan.locate(max(self.step - 1, 0))[0]
         if which == "teacher":
-            module, forward = self.teacher.module, self.teacher
+            record = self.monitor.evaluate(self.teacher.module, self.teacher)
             stage += 1
         elif encoder_state is not None:
-            module, forward = self._stage_encoder_module(encoder_state)
+            record = self.monitor.evaluate_encoder(encoder_state)
         else:
-            module = forward = self.engine.module.encoder
-        record = self.monitor.evaluate(module, forward)
+            record = self.monitor.evaluate(self.engine.module.encoder)
         self.metrics.eval_record({"stage": stage, "step": self.step, "model": which, **record})
         self.window_start += record["seconds"]          # the log window's img/s counts training time only
-
-    def _stage_encoder_module(self, state: dict[str, torch.Tensor]):
-        """(module, forward) of the fp32 encoder in `state`, run in the compute dtype through autocast."""
-        m = self.cfg.model
-        enc = Encoder(m, m.depth, final_norm=True) if m.student == "asymmetric" else BeitEncoder(m)
-        enc.load_state_dict(state, strict=True)
-        enc = enc.to(self.device).eval()
-        bf16 = self.dtype == torch.bfloat16
-
-        def forward(images: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                return enc(images.float())
-        return enc, forward
 
     def _swap(self, next_stage: int, encoder: dict[str, torch.Tensor]) -> None:
         """Stage end: teacher <- student encoder (exact low-precision copy), student re-initialised, optional

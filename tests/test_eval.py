@@ -241,3 +241,43 @@ def test_a_checkpoint_is_exported_first(tiny_export, pattern, tmp_path, capsys, 
     calls.clear()
     rc, _, err = eval_cli(capsys, "knn", "--encoder", tmp_path / "run", "--train", pattern)     # latest: step2
     assert rc == 2 and calls == [] and "after the teacher swap" in err and "--which teacher" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The online monitor's stage-end score is dbot-eval's on the same weights
+
+
+def test_monitor_stage_end_score_equals_dbot_eval_on_the_same_weights(pattern, tmp_path, capsys):
+    """A stage's fp32 encoder, scored by the monitor at the stage end (`evaluate_encoder`, as the trainer calls it
+    with `full_fp32_state`) and by `dbot-eval knn` on the export folder the trainer writes for it
+    (`write_stage_encoder`: stage_encoders/stageK): exactly the same four scores. The monitor is built for a bf16
+    run, yet the stage-end score is fp32 (fp32 images, forward and weights), as dbot-eval's."""
+    import dataclasses
+    from dbot_ds.config import build_config
+    from dbot_ds.export import write_stage_encoder
+    from dbot_ds.models import BeitEncoder, Encoder
+    from dbot_ds.monitor import KnnMonitor
+    cfg = build_config({"schedule.stage_steps": [2, 2], "eval.shards": pattern, "eval.k": 10, "eval.query_every": 4,
+                        "eval.max_images": 200, "optim.micro_batch": 24, "optim.global_batch": 24})
+    torch.manual_seed(0)
+    state = Encoder(cfg.model, cfg.model.depth).state_dict()                  # our names, final norm, fp32
+    write_stage_encoder(state, cfg, tmp_path / "stage1", 1, 4)
+    monitor = KnnMonitor(cfg, (pattern, ""), 0, 1, torch.device("cpu"), torch.bfloat16)
+    got = monitor.evaluate_encoder(state)
+
+    e = cfg.eval
+    rc, out, err = eval_cli(capsys, "knn", "--encoder", tmp_path / "stage1", "--train", e.shards, "--query-every",
+                            e.query_every, "--limit", e.max_images, "--k", e.k, "--temperature", e.temperature,
+                            "--batch", cfg.optim.micro_batch, "--device", "cpu")
+    assert rc == 0, err
+    want = json_line(out)
+    assert (want["num_bank"], want["num_query"]) == (len(monitor.bank.labels), len(monitor.query.labels)) == (150, 50)
+    assert {k: got[k] for k in SCORES} == {k: want[k] for k in SCORES}, (got, want)
+    assert 0 < got["knn_top1_mean"] < got["knn_top5_mean"] < 100
+
+    # the symmetric (BEiT) student's stage end: its own encoder, fp32 too (dbot-export has no timm form for it)
+    sym = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, student="symmetric"))
+    beit = BeitEncoder(sym.model).eval()
+    rec = KnnMonitor(sym, (pattern, ""), 0, 1, torch.device("cpu"), torch.bfloat16).evaluate_encoder(beit.state_dict())
+    direct = monitor.evaluate(beit, dtype=torch.float32)
+    assert {k: rec[k] for k in SCORES} == {k: direct[k] for k in SCORES}

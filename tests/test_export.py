@@ -59,6 +59,13 @@ def timm_model(info: dict, state: dict):
     return m.eval()
 
 
+def teacher_dtype(run_dir: Path) -> torch.dtype:
+    """teacher.pt's dtype: bf16 in a bf16 run (teacher.precision=bf16), fp32 in an fp32 run (the tests' default)."""
+    cfg = json.loads((run_dir / "checkpoints" / TAG_FINAL / "COMPLETE").read_text())["client_state"]["config"]
+    bf16 = cfg["optim"]["precision"] == "bf16" and cfg["teacher"]["precision"] == "bf16"
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def images(n: int = 2, size: int = 32) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 3, size, size, generator=g)
@@ -86,7 +93,8 @@ def test_final_student_export_is_timm_and_equals_deepspeed_and_encoder(ds_run, z
     for f in ("encoder.safetensors", "encoder.json"):                  # both follow the user's umask
         assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~mask, f
     assert info["timm_kwargs"] == dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0)
-    assert (info["stage"], info["step"], info["tag"], info["which"]) == (2, 4, TAG_FINAL, "student")
+    assert (info["stage"], info["step"], info["tag"], info["which"]) == (1, 4, TAG_FINAL, "student")
+    assert f"student of {TAG_FINAL} (stage 1 (final), step 4): " in out, out    # the last stage, not COMPLETE's 2
     assert info["arch"] == "vit_tiny_patch4" and info["trained_in_stage"] == 1
     assert info["zero_stage"] == (3 if zero == "zero3" else 2) and info["world_size"] == 2
     assert info["config"] == complete["client_state"]["config"]
@@ -135,7 +143,7 @@ def test_post_swap_checkpoint_student_refused_teacher_exported(ds_run, tmp_path,
     assert teacher["depth"] == 4
     assert set(state) == set(teacher["state"]) | {"pos_embed"}
     for k, v in teacher["state"].items():
-        assert v.dtype == torch.bfloat16 and state[k].dtype == torch.float32 and torch.equal(state[k], v.float()), k
+        assert v.dtype == teacher_dtype(run_dir) and state[k].dtype == torch.float32 and torch.equal(state[k], v.float()), k
     assert (info["which"], info["step"], info["stage"], info["trained_in_stage"]) == ("teacher", 2, 1, 0)
     assert info["timm_kwargs"]["final_norm"] is False and info["final_norm"] is False   # teacher.final_norm=false
     model = timm_model(info, state)
@@ -249,7 +257,8 @@ def test_public_api_imports_without_deepspeed():
 
 def test_every_stage_encoder_is_kept_whole_and_exported_with_stage(ds_run, tmp_path, capsys):
     """stage_encoders/stage0 is the fp32 student at the end of stage 0 (final norm included): the post-swap
-    checkpoint's bf16 teacher is exactly its cast; stage1 is exactly the final checkpoint's fp32 student."""
+    checkpoint's teacher is exactly its cast (bf16, or fp32 in an fp32 run); stage1 is exactly the final
+    checkpoint's fp32 student."""
     from dbot_ds.ckpt_safety import load_teacher_file
     run_dir = ds_run("zero3")
     s0, info0 = read_export(run_dir / "stage_encoders" / "stage0")
@@ -257,7 +266,7 @@ def test_every_stage_encoder_is_kept_whole_and_exported_with_stage(ds_run, tmp_p
     teacher = load_teacher_file(run_dir / "checkpoints" / TAG_MID / "teacher.pt", False)
     assert teacher["depth"] == 4 and "norm.weight" not in teacher["state"] and "norm.weight" in s0
     for k, v in teacher["state"].items():
-        assert v.dtype == torch.bfloat16 and torch.equal(s0[k].to(torch.bfloat16), v), k
+        assert v.dtype == teacher_dtype(run_dir) and torch.equal(s0[k].to(v.dtype), v), k
 
     rc, out = export_cli(capsys, run_dir, "--out", tmp_path / "final")
     assert rc == 0, out
@@ -295,3 +304,101 @@ def test_knn_monitor_logs_each_step_stage_end_and_teacher_without_changing_train
              if r.get("event") == "eval" and r["step"] == 0]
     assert first[0] == first[1]
     assert not (ds_run("zero2", monitor=False) / "tensorboard").exists()
+
+
+def test_stage_end_monitor_records_equal_dbot_eval_of_the_stage_encoders(ds_run, capsys):
+    """Each stage end's student record (2 ranks, ZeRO-3, in the run) is exactly `dbot-eval knn` (1 process) on the
+    encoder that stage ended with, stage_encoders/stage{K}, under the monitor's settings (MONITOR: k=10)."""
+    from dbot_ds.evaluate import cli
+    run_dir = ds_run("zero3")
+    config = json.loads((run_dir / "stage_encoders" / "stage0" / "encoder.json").read_text())["config"]
+    e, batch = config["eval"], config["optim"]["micro_batch"]
+    ends = {r["stage"]: r for r in read_metrics(run_dir)            # stage K ends at step 2 (K + 1)
+            if r.get("event") == "eval" and r["model"] == "student" and r["step"] == 2 * (r["stage"] + 1)}
+    assert sorted(ends) == [0, 1], ends
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # each rank's arithmetic (OMP_NUM_THREADS=1)
+    try:
+        for stage, rec in ends.items():
+            capsys.readouterr()
+            rc = cli(["knn", "--encoder", str(run_dir / "stage_encoders" / f"stage{stage}"), "--train", e["shards"],
+                      "--query-every", str(e["query_every"]), "--k", str(e["k"]), "--temperature",
+                      str(e["temperature"]), "--batch", str(batch), "--device", "cpu"])
+            cap = capsys.readouterr()
+            assert rc == 0, cap.err
+            got = json.loads(cap.out)
+            scores = ("knn_top1_mean", "knn_top5_mean", "knn_top1_cls", "knn_top5_cls")
+            assert {k: got[k] for k in scores} == {k: rec[k] for k in scores}, (stage, got, rec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------ the stage label, without training
+
+def fake_checkpoint(ckpt_dir: Path, step: int, stage: int, stage_end: bool, lengths=(96, 96)) -> Path:
+    """A tag folder as the trainer writes it (COMPLETE record, teacher.pt, files recorded by ckpt_safety), without
+    DeepSpeed's files: the tests replace `_consolidate_student` (the only DeepSpeed read) by `fake_student`."""
+    from dbot_ds.ckpt_safety import main as ckpt_safety
+    from dbot_ds.config import build_config
+    from dbot_ds.models import Encoder
+    cfg = build_config({"schedule.stage_steps": list(lengths), "optim.precision": "fp32"})   # vit_tiny_patch4, 32 px
+    tag = ckpt_dir / f"step{step:08d}"
+    tag.mkdir(parents=True)
+    client = {"step": step, "stage": stage, "plan_lengths": list(lengths), "zero_stage": 2, "world_size": 1,
+              "config": cfg.to_dict()}
+    (tag / "COMPLETE").write_text(json.dumps({"step": step, "stage": stage, "stage_end": stage_end,
+                                              "client_state": client}))
+    torch.manual_seed(1)
+    teacher = Encoder(cfg.model, cfg.model.depth, final_norm=False).state_dict()
+    torch.save({"depth": cfg.model.depth, "state": {k: v.to(torch.bfloat16) for k, v in teacher.items()}},
+               tag / "teacher.pt")
+    assert ckpt_safety(["record", str(tag)]) == 0
+    (ckpt_dir / "latest").write_text(tag.name)
+    return tag
+
+
+@pytest.fixture
+def fake_student(monkeypatch):
+    """DeepSpeed's consolidation replaced by a random student (encoder + a decoder key, as zero_to_fp32 gives)."""
+    import dbot_ds.export as ex
+    from dbot_ds.models import Encoder
+
+    def consolidate(ref):
+        torch.manual_seed(2)
+        enc = Encoder(ref.model_cfg, ref.model_cfg.depth).state_dict()
+        return {**{f"encoder.{k}": v for k, v in enc.items()}, "decoder_norm.weight": torch.ones(8)}
+    monkeypatch.setattr(ex, "_consolidate_student", consolidate)
+
+
+def test_finished_run_is_labelled_with_its_last_stage(fake_student, tmp_path, capsys):
+    """The final checkpoint of a 2-stage run records stage 2 (== num_stages: the run is over) in COMPLETE; the
+    export names stage 1, the last one that exists, in its printed label and in encoder.json."""
+    from dbot_ds.export import describe
+    run_dir = tmp_path / "run"
+    fake_checkpoint(run_dir / "checkpoints", 192, 2, stage_end=True)
+    rc, out = export_cli(capsys, run_dir, "--out", tmp_path / "final", "--also-teacher")
+    assert rc == 0, out
+    assert "student of step00000192 (stage 1 (final), step 192): timm.create_model(" in out, out
+    assert "stage 2" not in out
+    _, info = read_export(tmp_path / "final")
+    assert (info["stage"], info["trained_in_stage"], info["run_finished"], info["num_stages"]) == (1, 1, True, 2)
+    assert (info["step"], info["tag"], info["which"]) == (192, "step00000192", "student")
+    _, tinfo = read_export(tmp_path / "final", "teacher")       # stage 1's teacher: stage 0's trained student
+    assert (tinfo["stage"], tinfo["trained_in_stage"], tinfo["run_finished"]) == (1, 0, True)
+    assert describe(tinfo) == "teacher of step00000192 (stage 1 (final), step 192; trained in stage 0)"
+
+
+@pytest.mark.parametrize("step,stage,stage_end,label,trained", [
+    (50, 0, False, "stage 0, step 50", 0),                      # mid-stage: the stage it is in
+    (96, 1, True, "stage 1, step 96; trained in stage 0", 0),   # stage 0's end, after the swap: the teacher only
+    (150, 1, False, "stage 1, step 150", 1),
+])
+def test_unfinished_checkpoints_are_labelled_with_their_stage(fake_student, tmp_path, capsys, step, stage,
+                                                              stage_end, label, trained):
+    tag = fake_checkpoint(tmp_path / "checkpoints", step, stage, stage_end)
+    which = "teacher" if stage_end else "student"
+    rc, out = export_cli(capsys, tag, "--which", which, "--out", tmp_path / "e")
+    assert rc == 0, out
+    assert f"{which} of {tag.name} ({label}): " in out, out
+    _, info = read_export(tmp_path / "e")
+    assert (info["stage"], info["trained_in_stage"], info["run_finished"]) == (stage, trained, False)

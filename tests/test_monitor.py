@@ -84,6 +84,9 @@ def test_bad_evaluation_sets_fail_naming_the_key_and_the_fix(case, tmp_path):
 
 
 def test_monitor_config_is_checked_before_any_data_is_read():
-    for bad in (["eval.k=0"], ["eval.query_every=1"], ["eval.temperature=0"], ["eval.query_shards=/x.tar"]):
+    for bad in (["eval.k=0"], ["eval.query_every=1"], ["eval.temperature=0"]):
         with pytest.raises(ConfigError, match="eval."):
-            load_config(preset="demo", overrides=bad + (["eval.shards="] if "query_shards" in bad[0] else []))
+            load_config(preset="demo", overrides=bad)
+    # `eval.shards=` turns the monitor off, whatever else is set for it (config._validate_eval)
+    off = load_config(preset="demo", overrides=["eval.shards=", "eval.query_shards=/x.tar"]).eval
+    assert (off.shards, off.query_shards, off.synthetic_num) == ("", "", 0)
