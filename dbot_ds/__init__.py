@@ -6,7 +6,7 @@ Using a trained encoder (after `dbot-export RUN --out DIR`); needs only torch, t
     model = dbot_ds.load_encoder("DIR")           # timm VisionTransformer, no head, eval mode
     feats = dbot_ds.encode(model, images)         # [B, 1 + N, D], cls token first
 
-Nothing here imports DeepSpeed; the implementations live in `dbot_ds.export` and are imported on first use.
+Nothing here imports DeepSpeed; the implementations live in `dbot_ds.checkpoint.export` and are imported on first use.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def load_encoder(export_dir, device="cpu", name: str = "encoder"):
     Reads `<export_dir>/<name>.json` (timm_arch, timm_kwargs) and `<export_dir>/<name>.safetensors` (safetensors,
     no pickle) and loads the weights with strict=True. `name="teacher"` loads an `--also-teacher` export.
     Returns the `torch.nn.Module`."""
-    from .export import load_encoder as _load_encoder
+    from dbot_ds.checkpoint.export import load_encoder as _load_encoder
     return _load_encoder(export_dir, device=device, name=name)
 
 
@@ -46,5 +46,5 @@ def encode(model, images):
     `images`: [B, 3, H, W] at the training resolution. Float images must be normalised with the ImageNet mean/std
     ((x/255 - mean) / std, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)), as in training; uint8 images
     (0..255) are normalised for you. Inputs are moved to the model's device and dtype."""
-    from .export import encode as _encode
+    from dbot_ds.checkpoint.export import encode as _encode
     return _encode(model, images)

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, preset_names
+from dbot_ds.config import ConfigError, load_config, preset_names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> Path:
                           "generated images) run `dbot-pretrain --preset demo`; to train on your data give "
                           "--preset vit_b (or --config FILE) and data.shards='/data/in1k/shard-{000000..001281}.tar'")
     cfg = load_config(path=args.config, preset=args.preset, overrides=args.overrides)
-    from .trainer import Trainer           # imports DeepSpeed: only after the config is known to be valid
-    from .watchdog import Heartbeat, is_comm_failure
+    from dbot_ds.distributed.watchdog import Heartbeat, is_comm_failure
+    from dbot_ds.train.trainer import Trainer  # imports DeepSpeed: only after the config is known to be valid
     try:
         trainer = Trainer(cfg, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
         run_dir = trainer.fit()
@@ -58,16 +58,16 @@ def main(argv: list[str] | None = None) -> Path:
         raise
     if trainer.rank == 0:
         print(f"[dbot] done: step {trainer.step}/{trainer.plan.total_steps}; run folder: {run_dir.resolve()}", flush=True)
-    from .distributed import cleanup
+    from dbot_ds.distributed.groups import cleanup
     cleanup()
     return run_dir
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from .guards import TrainingDiverged
-    from .storage import StorageError
-    from .watchdog import LostRank
-    from .ckpt_safety import CheckpointRefused
+    from dbot_ds.checkpoint.safety import CheckpointRefused
+    from dbot_ds.checkpoint.storage import StorageError
+    from dbot_ds.distributed.watchdog import LostRank
+    from dbot_ds.train.guards import TrainingDiverged
     try:
         main(argv)
     except CheckpointRefused as e:        # a ConfigError, but not about the config

@@ -21,7 +21,7 @@ t0=$(date +%s)
 # dbot-shards writes one folder per call; generate in parallel and gather the tars into one manifest-less
 # folder (the trainer counts their samples from the tar headers once).
 for i in $(seq 0 $((gens - 1))); do
-  python3 -m dbot_ds.shards synthetic --out "$work/gen$i" --num $((num / gens)) --img-size 224 --seed "$i" \
+  python3 -m dbot_ds.data.shards synthetic --out "$work/gen$i" --num $((num / gens)) --img-size 224 --seed "$i" \
     --per-shard 500 >/dev/null &
 done
 wait

@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         inner = " ".join(shlex.quote(a) for a in [sys.executable, str(Path(__file__).resolve()), *rest])
         os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                               f"mount -t tmpfs -o size=8g tmpfs /dev/shm && exec {inner}"])
-    from dbot_ds.shards import write_synthetic_shards
+    from dbot_ds.data.synthetic import write_synthetic_shards
     args.out.mkdir(parents=True, exist_ok=True)
     shards = args.out / "shards"
     if not (shards / "manifest.json").exists():

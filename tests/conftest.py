@@ -27,14 +27,14 @@ def no_leaked_shm_buffers():
     exits remove their own). Only buffers no live process holds: another job on this machine (a user's training,
     a second test run) keeps its own."""
     yield
-    from dbot_ds.distributed import _remove_stale_cpu_shm_buffers
+    from dbot_ds.distributed.groups import _remove_stale_cpu_shm_buffers
     _remove_stale_cpu_shm_buffers()
 
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> str:
     """A folder of 256 generated 64-px JPEGs in webdataset shards, with manifest.json."""
-    from dbot_ds.shards import write_synthetic_shards
+    from dbot_ds.data.synthetic import write_synthetic_shards
     out = tmp_path_factory.mktemp("shards")
     write_synthetic_shards(out, 256, img_size=64, per_shard=64, seed=0)
     return str(out)
@@ -116,5 +116,5 @@ def launch_pretrain(nproc: int, overrides: list[str], expect_rc: int = 0,
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    from dbot_ds.metrics import read_metrics as read
+    from dbot_ds.train.metrics import read_metrics as read
     return read(run_dir)

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
 
-import dbot_ds.trainer
-from dbot_ds.engine import _link_optimizer_state, full_fp32_state
-from dbot_ds.data import shard_counts
-from dbot_ds.epochs import block_units
+import dbot_ds.train.trainer
+from dbot_ds.distributed.engine import _link_optimizer_state, full_fp32_state
+from dbot_ds.data.manifest import shard_counts
+from dbot_ds.data.epochs import block_units
 from dbot_ds.pretrain import cli
-from test_loader import ids_of
+from testkit import ids_of
 
 OUT = os.environ.get("DBOT_PROBE_OUT", "")
 
@@ -40,7 +40,7 @@ def optimizer_state(engine) -> dict:
     return out
 
 
-class ProbeTrainer(dbot_ds.trainer.Trainer):
+class ProbeTrainer(dbot_ds.train.trainer.Trainer):
     def _dump(self, name: str) -> None:
         state = optimizer_state(self.engine)
         state.update(step=self.step, stage=self.plan.locate(self.step)[0], lr=self.plan.lr(self.step))
@@ -80,5 +80,5 @@ class ProbeTrainer(dbot_ds.trainer.Trainer):
 
 
 if __name__ == "__main__":
-    dbot_ds.trainer.Trainer = ProbeTrainer
+    dbot_ds.train.trainer.Trainer = ProbeTrainer
     raise SystemExit(cli([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))

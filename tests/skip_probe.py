@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-import dbot_ds.trainer
+import dbot_ds.train.trainer
 from dbot_ds.pretrain import cli
 
 POISON = {int(s) for s in os.environ.get("DBOT_POISON_STEPS", "").split(",") if s}
@@ -28,7 +28,7 @@ class _NaNGrad(torch.autograd.Function):
         return grad * float("nan")
 
 
-class PoisonTrainer(dbot_ds.trainer.Trainer):
+class PoisonTrainer(dbot_ds.train.trainer.Trainer):
     def _build(self, tag):
         super()._build(tag)
         self.engine.module.register_forward_hook(self._poison)
@@ -41,5 +41,5 @@ class PoisonTrainer(dbot_ds.trainer.Trainer):
 
 
 if __name__ == "__main__":
-    dbot_ds.trainer.Trainer = PoisonTrainer
+    dbot_ds.train.trainer.Trainer = PoisonTrainer
     raise SystemExit(cli([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from dbot_ds.config import load_config
-from dbot_ds.data import normalize
-from dbot_ds.trainer import Trainer
+from dbot_ds.data.augment import normalize
+from dbot_ds.train.trainer import Trainer
 
 
 def main():
@@ -17,7 +17,7 @@ def main():
     trainer = Trainer(load_config(preset="demo", overrides=overrides), resume="none")
     trainer.fit()
     from transformers import CLIPVisionModel
-    from test_teacher_sources import clip_reference
+    from testkit import clip_reference
     x = normalize(next(trainer._batches())[0])
     with torch.no_grad():
         target = trainer.teacher(x.to(trainer.dtype)).float()
