@@ -3,7 +3,7 @@
 Why `auto` (the default): bf16 halves memory and doubles matmul speed on a GPU, but on a CPU without native
 bf16 instructions (AVX2 only, or AVX-512 without AVX512-BF16 / AMX) PyTorch emulates every bf16 matmul, and a
 step runs about 20x slower than in fp32 (a 2048x384 @ 384x384 matmul: 1.3 GFLOP/s bf16 vs 44.9 fp32 on a 2-core
-AVX2 EPYC; BENCHMARKS.md). So `auto` is bf16 on a GPU that supports it and on a CPU with native bf16, fp32
+AVX2 EPYC, as reported in issue 25; 2.2 vs 115 with oneDNN capped at AVX2, docs/cpu.md). So `auto` is bf16 on a GPU that supports it and on a CPU with native bf16, fp32
 elsewhere. An explicit bf16 on an emulating CPU still runs, with one warning.
 
 The choice is made once, at the start of a run, and written into the run's config (and so into every
@@ -33,6 +33,11 @@ def cpu_bf16() -> tuple[bool, str]:
     forced = os.environ.get(CPU_BF16_ENV)
     if forced in ("0", "1"):
         return forced == "1", f"{CPU_BF16_ENV}={forced}"
+    limit = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if limit and limit not in ("ALL", "DEFAULT") and not any(k in limit for k in ("BF16", "AMX", "FP16")):
+        # oneDNN runs torch's CPU matmuls: capped below its bf16 kernels, it emulates bf16 (measured 2.2 vs 115
+        # GFLOP/s fp32 under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX512-BF16 EPYC)
+        return False, f"ONEDNN_MAX_CPU_ISA={limit} keeps oneDNN below its bf16 kernels"
     try:
         avx512_bf16, amx = torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()
     except AttributeError:                   # older torch: read the kernel's flags

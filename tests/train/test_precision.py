@@ -34,8 +34,17 @@ def test_explicit_values_win_and_emulated_bf16_warns_once_with_the_slowdown(monk
     assert precision.choose("fp32", CPU) == ("fp32", "set by optim.precision", None)
 
 
+def test_onednn_capped_below_bf16_counts_as_emulated(monkeypatch):
+    monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    native, what = precision.cpu_bf16()
+    assert not native and "ONEDNN_MAX_CPU_ISA=AVX2" in what
+    assert precision.choose("auto", CPU).precision == "fp32"
+
+
 def test_detection_without_the_override_matches_the_cpu_flags(monkeypatch):
     monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     native, what = precision.cpu_bf16()
     assert native == bool({"avx512_bf16", "amx_bf16"} & precision._cpuinfo_flags())
     assert what
