@@ -6,6 +6,9 @@ Using a trained encoder (after `dbot-export RUN --out DIR`); needs only torch, t
     model = dbot_ds.load_encoder("DIR")           # timm VisionTransformer, no head, eval mode
     feats = dbot_ds.encode(model, images)         # [B, 1 + N, D], cls token first
 
+The export folder is also timm's Hugging Face Hub layout (config.json + model.safetensors), so timm alone loads it:
+`timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)`; `huggingface_hub.upload_folder` publishes it.
+
 Nothing here imports DeepSpeed; the implementations live in `dbot_ds.checkpoint.export` and are imported on first use.
 """
 from __future__ import annotations
@@ -33,7 +36,8 @@ def load_encoder(export_dir, device="cpu", name: str = "encoder"):
     """Load a `dbot-export` folder as a timm `VisionTransformer` (num_classes=0), fp32, in eval mode on `device`.
 
     Reads `<export_dir>/<name>.json` (timm_arch, timm_kwargs) and `<export_dir>/<name>.safetensors` (safetensors,
-    no pickle) and loads the weights with strict=True. `name="teacher"` loads an `--also-teacher` export.
+    no pickle) and loads the weights with strict=True. `name="teacher"` loads an `--also-teacher` export; a folder
+    holding only timm's hub layout (config.json + model.safetensors, e.g. DIR/teacher) loads too.
     Returns the `torch.nn.Module`."""
     from dbot_ds.checkpoint.export import load_encoder as _load_encoder
     return _load_encoder(export_dir, device=device, name=name)

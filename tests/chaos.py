@@ -52,7 +52,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import _env, free_port   # the same environment and port picking as the test suite's launches
+from conftest import _env, free_port  # the same environment and port picking as the test suite's launches
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_STEPS, SAVE_EVERY = 12, 3            # two stages of 12 steps, a checkpoint every 3 steps
@@ -62,7 +62,7 @@ SWITCH = STAGE_STEPS                       # the stage end (the only switch)
 JOB = ["schedule.stage_epochs=[]", "schedule.warmup_epochs=0", "optim.global_batch=16", "optim.micro_batch=8",
        "data.num_workers=0", "data.shuffle_buffer=32", "run.progress=false", "eval.shards=", "eval.synthetic_num=0",
        f"schedule.stage_steps=[{STAGE_STEPS},{STAGE_STEPS}]", "schedule.warmup_steps=2", "run.log_every=1",
-       f"run.save_every={SAVE_EVERY}", "deepspeed.config=zero2"]
+       f"run.save_every={SAVE_EVERY}", "deepspeed.config=zero2", "optim.precision=fp32"]
 VARIANTS = {"resampled": "data.resampled=true", "exact": "data.resampled=false"}
 TARGETS = ("startup", "resume", "ckpt_write", "before_switch", "during_switch", "switch_ckpt", "after_switch", "random")
 # Share of the kills per target (largest remainder; ties go to the earlier target in PRIORITY).

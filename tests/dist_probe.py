@@ -12,15 +12,15 @@ import hashlib
 import json
 import sys
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
-import deepspeed
 from dbot_ds.config import load_config
 from dbot_ds.data.augment import normalize
 from dbot_ds.distributed.engine import adam_moments, full_fp32_state
-from dbot_ds.model.vit import build_student
 from dbot_ds.model.objective import dbot_loss
+from dbot_ds.model.vit import build_student
 from dbot_ds.train.trainer import Trainer, mix_seed
 
 

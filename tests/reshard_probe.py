@@ -16,13 +16,13 @@ import sys
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
+from testkit import ids_of
 
 import dbot_ds.train.trainer
-from dbot_ds.distributed.engine import _link_optimizer_state, full_fp32_state
-from dbot_ds.data.manifest import shard_counts
 from dbot_ds.data.epochs import block_units
+from dbot_ds.data.manifest import shard_counts
+from dbot_ds.distributed.engine import _link_optimizer_state, full_fp32_state
 from dbot_ds.pretrain import cli
-from testkit import ids_of
 
 OUT = os.environ.get("DBOT_PROBE_OUT", "")
 

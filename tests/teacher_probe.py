@@ -16,8 +16,8 @@ def main():
     out, overrides = args[0], args[1:]
     trainer = Trainer(load_config(preset="demo", overrides=overrides), resume="none")
     trainer.fit()
-    from transformers import CLIPVisionModel
     from testkit import clip_reference
+    from transformers import CLIPVisionModel
     x = normalize(next(trainer._batches())[0])
     with torch.no_grad():
         target = trainer.teacher(x.to(trainer.dtype)).float()

@@ -69,14 +69,14 @@ def after_module(argv: list[str], module: str) -> list[str] | None:
 
 def check(argv: list[str]) -> str:
     """Check one documented command; returns what kind of check ran."""
+    from dbot_ds import pretrain
     from dbot_ds.bench import cli as bench
-    from dbot_ds.evaluate import cli as evaluate
     from dbot_ds.checkpoint import export_cli as export
+    from dbot_ds.config import load_config
+    from dbot_ds.data import shards
+    from dbot_ds.evaluate import cli as evaluate
     from dbot_ds.evaluate import finetune
     from dbot_ds.plan import memory as plan
-    from dbot_ds import pretrain
-    from dbot_ds.data import shards
-    from dbot_ds.config import load_config
     prog = argv[0]
     if prog in ("pip", "cp", "grep") or argv[:3] == ["python", "-m", "pytest"]:
         return "skipped"

@@ -7,6 +7,7 @@ r"""`dbot-bench`: throughput benchmarks for dbot-ds.
     dbot-bench mix --out /tmp/benchmix --classes 20 --per-class 1000                      # class mixing
     dbot-bench monitor --steps 64 --every 16                                              # see bench/monitor.py
     dbot-bench repro --out /tmp/repro --seeds 0 1 2                                      # see bench/repro.py
+    dbot-bench matmul                                         # fp32 vs bf16 on this CPU (optim.precision=auto)
 
 `data` times our webdataset loader (:func:`dbot_ds.data.stream.build_train_loader` + :func:`~dbot_ds.data.augment.normalize`)
 against the usual torchvision ImageFolder + DataLoader pipeline on the same JPEGs, with the same augmentation
@@ -44,12 +45,14 @@ def cli(argv: list[str] | None = None) -> int:
     p.set_defaults(func=bench_step.main)
 
     from . import fp8 as bench_fp8
+    from . import matmul as bench_matmul
     from . import memcheck as bench_memcheck
     from . import monitor as bench_monitor
     from . import repro as bench_repro
     from . import run as bench_run
     from . import sweep as bench_sweep
     bench_fp8.add_command(commands)
+    bench_matmul.add_command(commands)
     bench_memcheck.add_command(commands)
     bench_monitor.add_command(commands)
     bench_run.add_command(commands)

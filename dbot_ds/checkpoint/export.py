@@ -5,6 +5,11 @@
 records the arch, stage, step, source checkpoint and the full training config). `dbot_ds.load_encoder(DIR)` does
 that and returns the model in eval mode; `dbot_ds.encode(model, images)` gives all tokens [B, 1 + N, D].
 
+Beside them every writer puts timm's Hugging Face Hub layout (hub.py): `DIR/config.json` + `DIR/model.safetensors`
+(a hard link to encoder.safetensors), which `timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)`
+loads and `huggingface_hub.upload_folder` publishes as it is. Another export in the folder (`--also-teacher`:
+teacher.safetensors + teacher.json) has its hub layout in `DIR/teacher/`.
+
 This module owns the format: encoder weights checked against the model config, the matching timm model, the
 writers (`write_stage_encoder`, the trainer's stage-end copy) and the loaders (`load_encoder`, `encode`,
 `timm_encoder` for the kNN monitor). The `dbot-export` command, which finds a checkpoint and reads its weights,
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -128,8 +134,19 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _write_export(out: Path, name: str, state: dict[str, torch.Tensor], info: dict) -> list[Path]:
+def export_paths(out: Path, name: str) -> list[Path]:
+    """The files export `name` has in folder `out`: NAME.safetensors, NAME.json, then its hub layout (hub.py)."""
+    from .hub import HUB_CONFIG, HUB_WEIGHTS, hub_dir
+    return [out / f"{name}.safetensors", out / f"{name}.json", hub_dir(out, name) / HUB_WEIGHTS,
+            hub_dir(out, name) / HUB_CONFIG]
+
+
+def _write_export(out: Path, name: str, state: dict[str, torch.Tensor], info: dict,
+                  hub_required: bool = True) -> list[Path]:
+    """NAME.safetensors + NAME.json in `out`, then the hub layout (hub.write_hub); returns the 4 paths, those first.
+    With `hub_required=False` (the trainer's stage end) a hub layout that timm fails to write only warns."""
     from safetensors.torch import save_file
+    from .hub import write_hub
     out.mkdir(parents=True, exist_ok=True)
     st, js = out / f"{name}.safetensors", out / f"{name}.json"
     tmp = out / f".{name}.safetensors.tmp"
@@ -142,7 +159,16 @@ def _write_export(out: Path, name: str, state: dict[str, torch.Tensor], info: di
     os.replace(tmp, js)
     for f in (st, js):
         os.chmod(f, _umask_mode())
-    return [st, js]
+    try:
+        return [st, js] + write_hub(out, name, st, info)
+    except Exception as e:                     # noqa: BLE001 - a disk error still stops; timm's own only warns
+        if hub_required or isinstance(e, OSError):
+            raise
+        for f in export_paths(out, name)[2:]:  # no stale hub files beside new weights
+            f.unlink(missing_ok=True)
+        print(f"[dbot-ds] warning: timm's hub layout (config.json + model.safetensors) was not written in {out} "
+              f"({e!r}); `dbot-export RUN --stage K --out DIR` writes it from the kept encoder", file=sys.stderr)
+        return [st, js]
 
 
 def _timm_export(state: dict[str, torch.Tensor], mcfg: ModelConfig, depth: int,
@@ -169,14 +195,15 @@ def _timm_export(state: dict[str, torch.Tensor], mcfg: ModelConfig, depth: int,
 
 def write_stage_encoder(state: dict[str, torch.Tensor], cfg, out: Path, stage: int, step: int) -> list[Path]:
     """The trainer's stage-end copy of the student encoder (fp32 master weights, final norm included, our names)
-    as an export folder `out` (encoder.safetensors + encoder.json), written before the swap replaces it."""
+    as an export folder `out` (encoder.safetensors + encoder.json, and timm's hub layout: model.safetensors +
+    config.json), written before the swap replaces it."""
     mcfg = cfg.model
     _check_against_encoder(state, mcfg, mcfg.depth, True, "student encoder")
     timm_state, info = _timm_export({k: v.float().contiguous() for k, v in state.items()}, mcfg, mcfg.depth, True)
     info.update({"which": "student", "weights": "fp32 (DeepSpeed master weights at the stage end)",
                  "trained_in_stage": stage, "stage": stage, "step": step, "tag": None, "stage_end": True,
                  "config": cfg.to_dict()})
-    return _write_export(out, "encoder", timm_state, info)
+    return _write_export(out, "encoder", timm_state, info, hub_required=False)    # a stage end never fails on it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,17 +245,21 @@ def load_encoder(export_dir: str | os.PathLike, device: str | torch.device = "cp
     """The exported encoder as a timm VisionTransformer (no head), fp32, in eval mode on `device`.
 
     `export_dir` is a `dbot-export --out` folder (or the path of its .safetensors/.json); `name="teacher"` loads
-    the `--also-teacher` export. Weights are read with safetensors (no pickle) and loaded with strict=True. The
-    model's `pretrained_cfg` carries the training normalisation (ImageNet mean/std) and input size, so
-    `timm.data.resolve_data_config(model=model)` gives matching eval transforms."""
+    the `--also-teacher` export. A folder holding only timm's hub layout (config.json + model.safetensors: a Hub
+    download, an export's `teacher/`) loads too. Weights are read with safetensors (no pickle) and loaded with
+    strict=True. The model's `pretrained_cfg` is the one the export's config.json holds (training normalisation,
+    ImageNet mean/std; input size; evaluation crop), so `timm.data.resolve_data_config(model=model)` gives
+    matching eval transforms, and `timm.models.save_for_hf(model, ...)` writes that config.json again."""
     from safetensors.torch import load_file
+    from .hub import hub_dir, hub_model, is_hub_folder, load_hub_folder
+    p = Path(export_dir)
+    if p.is_dir() and not (p / f"{name}.json").exists() and is_hub_folder(hub_dir(p, name)):
+        return load_hub_folder(hub_dir(p, name)).to(device).eval()
     st, js = _export_files(export_dir, name)
     info = json.loads(js.read_text())
-    model = _timm_model(info["timm_arch"], info["timm_kwargs"], load_file(str(st)))
-    size = int(info.get("img_size", model.patch_embed.img_size[0]))
-    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, mean=tuple(info.get("mean", IMAGENET_MEAN)),
-                                std=tuple(info.get("std", IMAGENET_STD)), input_size=(3, size, size),
-                                num_classes=0, dbot_export=str(st))
+    model = hub_model(info, "cpu")                          # folders written before config.json: the same cfg
+    model.load_state_dict(load_file(str(st)), strict=True)
+    model.pretrained_cfg["file"] = str(st)                  # timm's field for the weights' local path
     return model.to(device).eval()
 
 

@@ -4,10 +4,11 @@
     dbot-export runs/vit_h --tag step00400000 --out exports/vit_h_s0  # one tag of a run
     dbot-export runs/vit_h/checkpoints/step00400000 --out e/          # a tag folder (or the checkpoints folder)
     dbot-export runs/vit_h --which teacher --out e/                   # the teacher of that checkpoint instead
-    dbot-export runs/vit_h --also-teacher --out e/                    # student + teacher.safetensors/teacher.json
+    dbot-export runs/vit_h --also-teacher --out e/                    # student + teacher.safetensors/.json + teacher/
     dbot-export runs/vit_h --stage 0 --out e/                         # the encoder kept at the end of stage 0
 
-The export format (`DIR/encoder.safetensors` + `DIR/encoder.json`, a timm VisionTransformer), its writers and
+The export format (`DIR/encoder.safetensors` + `DIR/encoder.json`, a timm VisionTransformer, and beside them timm's
+Hub layout `DIR/config.json` + `DIR/model.safetensors`; the teacher's in `DIR/teacher/`: hub.py), its writers and
 `load_encoder` are export.py; this module finds the checkpoint, reads its weights and runs the command.
 
 How the weights are read:
@@ -45,7 +46,9 @@ import torch
 
 from dbot_ds.config import ModelConfig
 
-from .export import ExportError, _check_against_encoder, _timm_export, _umask_mode, _write_export, load_encoder
+from .export import (ExportError, _check_against_encoder, _timm_export, _umask_mode, _write_export, export_paths,
+                     load_encoder)
+from .hub import write_hub
 from .safety import CheckpointRefused, load_teacher_file, verify_tag
 from .store import TAG_RE, complete_tags
 
@@ -272,7 +275,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, tag: str | None = No
     out = Path(out)
     jobs = [("encoder", which)] + ([("teacher", "teacher")] if also_teacher and which != "teacher" else [])
     if not force:
-        existing = [out / f"{n}.{e}" for n, _ in jobs for e in ("safetensors", "json") if (out / f"{n}.{e}").exists()]
+        existing = [f for n, _ in jobs for f in export_paths(out, n) if f.exists()]
         if existing:
             raise ExportError(f"{', '.join(map(str, existing))} already exist; pass --force to overwrite")
     verify(ref, trust_checkpoint)
@@ -293,17 +296,18 @@ def export_stage(run: str | os.PathLike, stage: int, out: str | os.PathLike, for
                           "runs from before stage encoders were kept have none: export a checkpoint tag of that "
                           "stage instead). Give the run folder and a finished stage")
     out = Path(out)
-    files = [out / "encoder.safetensors", out / "encoder.json"]
+    files = export_paths(out, "encoder")
     if not force and any(f.exists() for f in files):
         raise ExportError(f"{', '.join(str(f) for f in files if f.exists())} already exist; pass --force to overwrite")
     load_encoder(src)                                       # strict load: a truncated or foreign file fails here
     out.mkdir(parents=True, exist_ok=True)
-    for f in files:
+    for f in files[:2]:
         tmp = f.with_name(f".{f.name}.tmp")
         shutil.copyfile(src / f.name, tmp)
         os.replace(tmp, f)
         os.chmod(f, _umask_mode())
-    return files
+    # the hub layout from the copy (also for stage folders kept before the trainer wrote config.json)
+    return files[:2] + write_hub(out, "encoder", files[0], json.loads(files[1].read_text()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,7 +318,9 @@ def cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="dbot-export",
         description="Export a trained encoder from a dbot-ds checkpoint as a timm VisionTransformer "
-                    "(DIR/encoder.safetensors + DIR/encoder.json). Load it with dbot_ds.load_encoder(DIR).")
+                    "(DIR/encoder.safetensors + DIR/encoder.json; beside them timm's Hugging Face Hub layout, "
+                    "DIR/config.json + DIR/model.safetensors). Load it with dbot_ds.load_encoder(DIR), or "
+                    "timm.create_model('local-dir:DIR', pretrained=True, num_classes=0).")
     ap.add_argument("path", help="run folder (uses checkpoints/latest), its checkpoints/ folder, or a tag folder")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--tag", default=None, help="checkpoint tag (e.g. step00001000); default: checkpoints/latest")
@@ -324,7 +330,8 @@ def cli(argv: list[str] | None = None) -> int:
                     help="the encoder kept at the end of stage K of the run (fp32, final norm included), instead of "
                          "a checkpoint's; PATH is the run folder")
     ap.add_argument("--also-teacher", action="store_true",
-                    help="also write the teacher as teacher.safetensors + teacher.json")
+                    help="also write the teacher as teacher.safetensors + teacher.json, and in timm's hub layout "
+                         "as teacher/config.json + teacher/model.safetensors")
     ap.add_argument("--force", action="store_true", help="overwrite existing export files in --out")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="read checkpoint files that hold pickled objects beyond DeepSpeed's own (normally refused, "
@@ -348,6 +355,8 @@ def cli(argv: list[str] | None = None) -> int:
     print(f"[dbot-export] {describe(info)}: "
           f"timm.create_model({info['timm_arch']!r}, num_classes=0, **{info['timm_kwargs']}); "
           f"or dbot_ds.load_encoder({str(Path(args.out))!r})")
+    print(f"[dbot-export] timm: timm.create_model('local-dir:{Path(args.out)}', pretrained=True, num_classes=0); "
+          "publish the folder with huggingface_hub.upload_folder, then load it with 'hf-hub:OWNER/NAME'")
     return 0
 
 

@@ -174,6 +174,10 @@ class RunConfig:
     save_every: int = 500              # steps between checkpoints (plus one at every stage end)
     keep_last: int = 3                 # periodic checkpoints kept; stage-end ones are always kept
     tensorboard: bool = False
+    wandb: bool = False                # Weights & Biases (the `wandb` extra), rank 0: the scalars of metrics.jsonl and
+                                       # the resolved config; offline (`wandb sync` later) unless an API key is set
+    wandb_project: str = "dbot-ds"     # W&B project
+    wandb_name: str = ""               # W&B run name; "": the run folder's name
     progress: bool = True
     stop_after_steps: int = 0          # >0: train at most this many optimizer steps in this invocation, then save and
                                        # stop (a time-boxed job: the same command again trains the next N steps)

@@ -53,6 +53,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("run.collective_timeout_s must be >= 10 seconds")
     if cfg.run.log_every <= 0 or cfg.run.save_every <= 0:
         raise ConfigError("run.log_every and run.save_every must be > 0")
+    if cfg.run.wandb:
+        _validate_wandb(cfg)
+
+
+def _validate_wandb(cfg: Config) -> None:
+    """run.wandb=true: the package imports (a missing or broken install fails here, before any data is read or
+    DeepSpeed is built) and the project is named."""
+    if not cfg.run.wandb_project:
+        raise ConfigError("run.wandb=true needs run.wandb_project (a W&B project name, e.g. dbot-ds)")
+    try:
+        import wandb  # noqa: F401
+    except ImportError as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"run.wandb=true needs the wandb package ({why}): pip install -e '.[wandb]', or set "
+                          "run.wandb=false") from e
 
 
 def _validate_eval(e: EvalConfig) -> None:

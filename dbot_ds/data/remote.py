@@ -14,10 +14,13 @@ import os
 import select
 import signal
 import subprocess
+import weakref
 from collections.abc import Iterable
 
 from webdataset import utils as wds_utils
 from webdataset.gopen import Pipe, gopen, rewrite_url
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()       # this process's open reader pipes (see kill_readers_on_sigterm)
 
 
 class ShardStalled(TimeoutError):
@@ -44,6 +47,7 @@ class _StallLimitedPipe:
         self.poller.register(self.fd, select.POLLIN)
         self.eof = False
         self.buf, self.pos = b"", 0       # bytes read from the pipe and not yet returned: buf[pos:]
+        _LIVE.add(self)
 
     def __repr__(self) -> str:           # webdataset puts the stream into its error messages
         return f"<shard stream {self.url}>"
@@ -88,6 +92,20 @@ class _StallLimitedPipe:
                     self.proc.kill()
         self.proc.wait()
         self.proc.stdout.close()
+        _LIVE.discard(self)
+
+
+def kill_readers_on_sigterm(_worker_id: int | None = None) -> None:
+    """A DataLoader worker's init: when the DataLoader terminates the worker (its shutdown sends SIGTERM to a worker
+    that does not exit in time, e.g. one waiting out a stalled shard), kill the worker's reader processes first.
+    Without this a curl connected to a silent server outlives its worker as an orphan that never exits."""
+    def on_sigterm(signum, _frame):
+        for pipe in list(_LIVE):
+            with contextlib.suppress(Exception):
+                pipe.close()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _open_remote(url: str, stall_s: float):

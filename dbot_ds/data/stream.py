@@ -39,6 +39,7 @@ from .epochs import (  # noqa: F401 - part of this module's API
     slice_pieces,
 )
 from .manifest import expand_shards, shard_counts
+from .remote import kill_readers_on_sigterm
 from .shard_reader import DEFAULT_STALL_TIMEOUT_S, _BrokenData, _raw_samples, skipped_samples
 
 # Independent RNG streams per worker, so e.g. changing the shuffle buffer does not change shard order.
@@ -253,6 +254,7 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=kill_readers_on_sigterm,      # a terminated worker leaves no reader process behind
         # The DataLoader draws worker base seeds from this generator instead of the caller's global RNG.
         generator=torch.Generator().manual_seed(mix_seed(seed, rank)),
     )

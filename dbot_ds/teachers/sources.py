@@ -131,7 +131,7 @@ def _timm_shape(arch: str, kwargs: dict, where: str) -> tuple[int, int] | None:
         return None
     try:
         with torch.device("meta"):
-            model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+            model = timm.create_model(arch, pretrained=False, **{**kwargs, "num_classes": 0})   # timm configs carry num_classes
     except Exception as e:  # noqa: BLE001 - a bad metadata file: say which
         raise ConfigError(f"{where}: timm cannot build {arch} with {kwargs} ({e})") from e
     blocks = getattr(model, "blocks", None)

@@ -1,5 +1,5 @@
-"""Run metrics: one JSON object per log step in metrics.jsonl, optional TensorBoard, and on rank 0 a progress bar
-on a terminal or plain log lines when the output goes to a file.
+"""Run metrics: one JSON object per log step in metrics.jsonl, optional TensorBoard and Weights & Biases
+(wandb_sink.py), and on rank 0 a progress bar on a terminal or plain log lines when the output goes to a file.
 
 After a resume, metrics.jsonl keeps only the records up to the resumed step (the steps after it are trained
 again and logged anew), then a `resumed` event: each step appears once. `read_metrics` reads the file.
@@ -35,7 +35,8 @@ class MetricsLogger:
     """Rank 0 writes; other ranks get a logger that does nothing."""
 
     def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int, progress: bool, tensorboard: bool,
-                 resumed: dict | None = None):
+                 resumed: dict | None = None, wandb_config: dict | None = None):
+        """wandb_config: the resolved config (`cfg.to_dict()`) to log a W&B run with; None: no W&B."""
         self.enabled = rank == 0
         self.total_steps = total_steps
         if self.enabled:     # a fresh start (step 0) drops the records of an attempt killed before any checkpoint
@@ -50,6 +51,10 @@ class MetricsLogger:
         if self.enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = None
+        if self.enabled and wandb_config is not None:
+            from .wandb_sink import WandbSink
+            self.wandb = WandbSink(run_dir, wandb_config, resumed=resumed is not None)
         if resumed:
             self.event("resumed", **resumed)
 
@@ -69,6 +74,8 @@ class MetricsLogger:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
                     self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:                               # log records, eval and other events
+            self.wandb.log(record)
 
     def _show(self, r: dict) -> None:
         fields = {"stage": r["stage"], "loss": f"{r['loss']:.4f}", "lr": f"{r['lr']:.2e}", "img_s": f"{r['img_per_s']:.0f}"}
@@ -106,3 +113,5 @@ class MetricsLogger:
             self.file.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.close()

@@ -12,7 +12,6 @@ log steps, stage ends and checkpoints.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -21,105 +20,50 @@ import torch
 from dbot_ds.checkpoint import store as ckpt
 from dbot_ds.checkpoint.export import write_stage_encoder
 from dbot_ds.checkpoint.reshard import ensure_universal, load_universal
-from dbot_ds.checkpoint.resume import check_resume, geometry, layout_changed, requested_tag
+from dbot_ds.checkpoint.resume import layout_changed
 from dbot_ds.checkpoint.safety import load_teacher_file
 from dbot_ds.checkpoint.storage import StorageError, explain, probe_writable, raise_together
-from dbot_ds.config import Config, ConfigError, dump_config, grad_accum_steps
-from dbot_ds.data.dataset import resolve_dataset, resolve_eval_shards
+from dbot_ds.config import Config, dump_config
 from dbot_ds.data.epochs import StreamState
-from dbot_ds.data.augment import Augment, normalize
+from dbot_ds.data.augment import normalize
 from dbot_ds.data.manifest import shard_counts
-from dbot_ds.data.stream import build_train_loader, epoch_batches_per_rank, mix_seed
-from dbot_ds.distributed.engine import (build_ds_config, full_fp32_state, init_student_engine, reset_adam, set_lr,
-                                 write_student_weights, zero_stage)
-from dbot_ds.distributed.groups import (all_reduce_max, all_reduce_sum, barrier, init_deepspeed, init_process_group,
-                                 world_size_from_env)
-from dbot_ds.distributed.watchdog import Heartbeat
+from dbot_ds.data.stream import mix_seed
+from dbot_ds.distributed.engine import (full_fp32_state, init_student_engine, reset_adam, set_lr,
+                                 write_student_weights)
+from dbot_ds.distributed.groups import all_reduce_max, all_reduce_sum, barrier, init_deepspeed
 from dbot_ds.model.objective import loss_fn
 from dbot_ds.model.vit import build_student
-from dbot_ds.plan.stages import StagePlan, make_plan
 from dbot_ds.teachers.placement import Teacher
-from dbot_ds.teachers.sources import external_teacher
 
-from . import precision
 from .guards import NonFiniteLoss, SkippedSteps, TooManySkippedSteps, where
 from .metrics import MetricsLogger
-from .monitor import KnnMonitor
+from .preflight import Preflight
 
 
-class Trainer:
+class Trainer(Preflight):
     """Owns the engine, the teacher, the data stream and the resumable state {step, samples_seen}."""
 
     def __init__(self, cfg: Config, resume: str = "auto", trust_checkpoint: bool = False):
-        self.cfg = cfg
-        self.trust_checkpoint = trust_checkpoint      # skip the pickle scan of the resumed tag (checkpoint/safety.py)
-        grad_accum_steps(cfg, world_size_from_env())       # batch arithmetic error before anything is built
-        self.rank, self.world, self.device = init_process_group(cfg.run.collective_timeout_s)
-        self.heartbeat = Heartbeat(self.rank, self.world, interval_s=min(10.0, cfg.run.collective_timeout_s / 4))
-        self.accum = grad_accum_steps(cfg, self.world)
-        self.run_dir = Path(cfg.run.out_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.dtype = self._choose_precision(resume)
-        raise_together(probe_writable(self.run_dir) if self.rank == 0 else None)   # read-only / full: one line
-        self.dataset = resolve_dataset(cfg, self.rank, self.run_dir)
-        self.pattern = self.dataset.pattern
-        if self.rank == 0:
-            print(f"[dbot] {self.dataset.describe()}", flush=True)
-        self.step, self.samples_seen = 0, 0
-        self.skipped, self.skipped_base, self.skipped_total = 0, 0, 0   # this process's / at resume / all ranks
-        self.stream = StreamState.fresh(geometry(cfg, self.world))      # exact epochs: the data position
-        try:   # bad data settings fail here, before the engine is built: missing shards, too few shards
-            self.plan: StagePlan = make_plan(cfg, self._steps_per_epoch())
-            self._loader()
-            self.monitor = self._build_monitor()     # labelled kNN set decoded and checked before the engine
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(str(e)) from e
-        self.external, self.teacher_dim = None, cfg.model.embed_dim     # teacher files read and checked here too
-        if cfg.teacher.source != "bootstrap":          # weights from elsewhere: the predictor follows its width
-            self.external, self.teacher_dim = external_teacher(cfg)
+        super().__init__(cfg, resume, trust_checkpoint)   # every check before DeepSpeed, in order (preflight.py)
         init_deepspeed(cfg.run.collective_timeout_s)  # only now: on a CPU it may build an op for minutes
-        self.zstage = zero_stage(build_ds_config(cfg, self.world))
         self.universal_tag: str | None = None           # set when the checkpoint's layout differs from ours
         self.resume_dir, tag = self._check_resume()
         raise_together(self._dump_config() if self.rank == 0 else None)
         self._build(tag)
         self.skips = SkippedSteps(cfg.optim.max_skipped_in_row, cfg.optim.max_skipped_frac, self.engine.skipped_steps)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.plan.total_steps, self.step,
-                                     cfg.run.progress, cfg.run.tensorboard, resumed=self.resumed)
+                                     cfg.run.progress, cfg.run.tensorboard, resumed=self.resumed,
+                                     wandb_config=cfg.to_dict() if cfg.run.wandb else None)   # resolved config
         self.data_iter = None
         self._reset_window()
 
-    # -- setup ---------------------------------------------------------------------------------------------
-    def _choose_precision(self, resume: str) -> torch.dtype:
-        """Resolve optim.precision (auto: what this device runs natively, or a resumed checkpoint's own) into the
-        config, so config.yaml and every checkpoint record what the run trains in; say which and why."""
-        self.resume_dir, self.resume_tag = requested_tag(resume, self.ckpt_dir)
-        meta = ckpt.read_meta(self.resume_dir, self.resume_tag) if self.resume_tag else None
-        choice = precision.for_run(self.cfg.optim.precision, self.device, meta, self.resume_tag)
-        self.cfg.optim.precision = choice.precision
-        if self.rank == 0:
-            print(f"[dbot] precision: {choice.precision} ({choice.reason})", flush=True)
-            if choice.warning:
-                print(f"[dbot] warning: {choice.warning}", file=sys.stderr, flush=True)
-        return precision.dtype(choice.precision)
-
-    def _build_monitor(self) -> KnnMonitor | None:
-        if not self.cfg.eval.shards:
-            return None
-        monitor = KnnMonitor(self.cfg, resolve_eval_shards(self.cfg, self.rank), self.rank, self.world, self.device,
-                             self.dtype)
-        if self.rank == 0:
-            print(f"[dbot] {monitor.describe()}", flush=True)
-        return monitor
-
+    # -- setup (the checks before it: preflight.py) ---------------------------------------------------------
     def _check_resume(self) -> tuple[Path, str | None]:
         """(folder, tag) to resume from (tag None: a fresh start), once the tag is known to fit this run."""
         ckpt_dir, tag = self.resume_dir, self.resume_tag
         if tag is None:
             return ckpt_dir, None
-        self.plan = check_resume(self.cfg, ckpt.read_meta(ckpt_dir, tag), self.world, self.zstage, tag, self.plan,
-                                 self.dataset)
-        ckpt.verify(ckpt_dir, tag, self.trust_checkpoint)   # hashes + pickle scan, before any engine exists
+        self._check_checkpoint()      # config, data, plan; hashes + pickle scan, before any engine exists
         if layout_changed(ckpt.read_meta(ckpt_dir, tag), self.world, self.zstage):
             self.universal_tag = ensure_universal(ckpt_dir, tag, self.rank)   # only after the checks above
         return ckpt_dir, tag
@@ -212,27 +156,6 @@ class Trainer:
         self.data_iter = None
         barrier()
         return self.run_dir
-
-    def _steps_per_epoch(self) -> float:
-        """Resampled: N // global_batch, as the reference's drop-last loader. Exact epochs: the loader's epoch
-        (every sample once, plus < readers x micro_batch repeats so every rank gets whole batches)."""
-        d, o, n = self.cfg.data, self.cfg.optim, self.dataset.num_samples
-        if d.resampled:
-            return n // o.global_batch
-        return epoch_batches_per_rank(n, self.world, d.num_workers, o.micro_batch) / self.accum
-
-    def _loader(self):
-        """The data stream from the current step. Resampled: reseeded by (seed, step). Exact epochs: one seed
-        for the run, positioned after the micro-batches this rank already consumed."""
-        d = self.cfg.data
-        seed, start = ((mix_seed(self.cfg.run.seed, self.step), 0) if d.resampled
-                       else (self.cfg.run.seed, self.stream.batches))
-        return build_train_loader(self.pattern, img_size=self.cfg.model.img_size, micro_batch=self.cfg.optim.micro_batch,
-                                  num_workers=d.num_workers, seed=seed, rank=self.rank, world_size=self.world,
-                                  resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, start_batch=start,
-                                  manifest=self.dataset.manifest, stall_timeout_s=d.stall_timeout_s,
-                                  spec=self.stream.spec, open_shards=d.open_shards,
-                                  augment=Augment(tuple(d.crop_scale), d.hflip, d.interpolation, d.color_jitter))
 
     def _batches(self):
         """The current data iterator, built at the start, on resume, and (resampled) after each checkpoint."""

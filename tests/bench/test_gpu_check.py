@@ -110,6 +110,7 @@ def test_gpu_check_table_phase_runs_cases_in_one_process_past_errors(tmp_path):
 
 def test_no_case_starts_after_the_deadline_but_the_first(tmp_path, monkeypatch, capsys):
     import argparse
+
     import dbot_ds.distributed.groups
     cases = tmp_path / "cases.txt"
     cases.write_text("".join(f"c{i}: {TINY}\n" for i in range(4)))

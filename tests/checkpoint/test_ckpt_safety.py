@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, deepspeed_cmd, launch_pretrain, run
+
 from dbot_ds.checkpoint import safety as ckpt_safety
 
 pytestmark = pytest.mark.slow       # every test here starts real processes or trains a run

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, launch_pretrain, read_metrics
 
 TAG_MID, TAG_FINAL = "step00000002", "step00000004"     # post-swap stage-end of stage 0; the final checkpoint
@@ -74,8 +73,9 @@ def images(n: int = 2, size: int = 32) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero3", "zero2"])
 def test_final_student_export_is_timm_and_equals_deepspeed_and_encoder(ds_run, zero, tmp_path, capsys):
-    import dbot_ds
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    import dbot_ds
     from dbot_ds.config import ModelConfig
     from dbot_ds.model.vit import Encoder, sincos_pos_embed_2d
 
@@ -241,8 +241,8 @@ def test_depth0_teacher_cannot_be_exported(ds_run, tmp_path, capsys):
 ])
 def test_timm_names_match_our_architectures(arch, img, want):
     """Built on the meta device: names, widths, depths, heads and MLP sizes agree with timm 1.0's models."""
-    from dbot_ds.config import build_config
     from dbot_ds.checkpoint.export import timm_spec, to_timm_state
+    from dbot_ds.config import build_config
     from dbot_ds.model.vit import Encoder
     cfg = build_config({"model.arch": arch, "model.img_size": img, "schedule.stage_steps": [1]}).model
     with torch.device("meta"):

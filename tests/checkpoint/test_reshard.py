@@ -3,15 +3,13 @@
 stream whose epochs are carried over between reader layouts."""
 from __future__ import annotations
 
-import pytest
-
 import itertools
 import json
 import statistics
 from collections import Counter, defaultdict
 
+import pytest
 import torch
-
 from conftest import TINY, read_metrics, run, torchrun_cmd
 from testkit import write_shards
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from dbot_ds.config import ConfigError, grad_accum_steps, load_config, dump_config
+from dbot_ds.config import ConfigError, dump_config, grad_accum_steps, load_config
 
 BASE = ["schedule.stage_steps=[2,2]"]
 
@@ -95,6 +95,7 @@ def test_docs_config_md_documents_every_key_and_its_default():
     import dataclasses
     import re
     from pathlib import Path
+
     from dbot_ds.config import Config, _valid_keys
 
     def yaml_literal(value) -> str:
@@ -143,7 +144,8 @@ def test_docs_config_md_documents_every_key_and_its_default():
 
 
 def test_accelerate_names_the_deepspeed_json_once(monkeypatch):
-    from dbot_ds.distributed.engine import DS_CONFIG_DIR as ROOT_DS_CONFIGS, build_ds_config
+    from dbot_ds.distributed.engine import DS_CONFIG_DIR as ROOT_DS_CONFIGS
+    from dbot_ds.distributed.engine import build_ds_config
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT_DS_CONFIGS / "zero3.json"))
     assert build_ds_config(load_config(overrides=BASE + ["optim.precision=fp32"]), 1)["zero_optimization"]["stage"] == 3
     assert build_ds_config(load_config(overrides=BASE + ["optim.precision=fp32", "deepspeed.config=zero3"]), 1)["zero_optimization"]["stage"] == 3

@@ -17,7 +17,6 @@ from dbot_ds.config import ConfigError, DataConfig, load_config
 from dbot_ds.data.augment import Augment, _Decoder
 from dbot_ds.data.epochs import DEFAULT_OPEN_SHARDS, Geometry, StreamState, feed_order, interleaved
 
-
 # ------------------------------------------------------------------------------------------ interleave
 
 def test_interleaved_round_robin_refills_slots_and_closes_what_it_opened():

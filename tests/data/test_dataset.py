@@ -13,9 +13,9 @@ import webdataset as wds
 
 from dbot_ds.config import ConfigError, load_config
 from dbot_ds.data.dataset import COUNTS_FILE, resolve_dataset
-from dbot_ds.pretrain import cli
 from dbot_ds.data.manifest import MANIFEST, count_tar_samples
 from dbot_ds.data.synthetic import write_synthetic_shards
+from dbot_ds.pretrain import cli
 
 
 def cfg(**data):

@@ -13,8 +13,8 @@ from PIL import Image
 
 pytest.importorskip("sklearn", reason="the digits shards need scikit-learn (pip install -e '.[test]')")
 
-from dbot_ds.data.manifest import dataset_size, expand_shards  # noqa: E402
 from dbot_ds.data.digits import NUM_DIGITS, load_digits, split_indices, write_digits_shards  # noqa: E402
+from dbot_ds.data.manifest import dataset_size, expand_shards  # noqa: E402
 from dbot_ds.data.shards import cli  # noqa: E402
 
 

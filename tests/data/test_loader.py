@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-
-from dbot_ds.data.stream import build_train_loader, epoch_batches_per_rank, epoch_geometry, reader_ranges
-from dbot_ds.data.manifest import shard_counts
-from dbot_ds.data.epochs import Geometry, StreamState
-
 from testkit import COUNTS, colour_jpeg, deadline, ids_of, take, write_shards  # noqa: E402,F401
 
+from dbot_ds.data.epochs import Geometry, StreamState
+from dbot_ds.data.manifest import shard_counts
+from dbot_ds.data.stream import build_train_loader, epoch_batches_per_rank, epoch_geometry, reader_ranges
 
 # ---------------------------------------------------------------------------------- geometry (pure)
 

@@ -12,9 +12,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from dbot_ds.data.stream import build_train_loader
 from dbot_ds.data.manifest import dataset_size, shard_pattern
 from dbot_ds.data.shards import cli
+from dbot_ds.data.stream import build_train_loader
 
 SYNSETS = ["n01440764", "n01443537", "n02102040"]
 PER_SHARD = 4  # 15 good + 2 bad files = 17 planned -> 5 shards

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from testkit import ids_of, take, write_shards
 
 from dbot_ds.data import shard_reader as data
-from testkit import ids_of, take, write_shards
 
 STALL_S = 1.0
 # How long a reader may take to go after its test: a DataLoader worker inside a stall kills its reader within one

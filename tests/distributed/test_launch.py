@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, TINY, _env, free_port, read_metrics, run
 from sshd_loopback import LoopbackSshd, ensure_packages
 

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, TINY, _env, free_port, last_wins, read_metrics
 
 pytestmark = pytest.mark.slow       # every test here starts real processes or trains a run
@@ -19,7 +18,8 @@ pytestmark = pytest.mark.slow       # every test here starts real processes or t
 def start_ranks(tmp_path, shards, timeout_s: int) -> list[subprocess.Popen]:
     port = free_port()
     args = last_wins(TINY + [f"data.shards={shards}", f"run.out_dir={tmp_path / 'run'}", "schedule.stage_steps=[400]",
-                             "run.log_every=1", "run.save_every=1000", f"run.collective_timeout_s={timeout_s}"])
+                             "run.log_every=1", "run.save_every=1000", f"run.collective_timeout_s={timeout_s}",
+                             "optim.precision=fp32"])
     procs = []
     for rank in range(2):
         env = _env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run, torchrun_cmd
 
 SCORES = ("knn_top1_mean", "knn_top5_mean", "knn_top1_cls", "knn_top5_cls")
@@ -30,8 +29,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory) -> Path:
     """A random vit_tiny_patch4 (32 px, width 96, depth 4) as a dbot-export folder."""
-    from dbot_ds.config import ModelConfig
     from dbot_ds.checkpoint.export import _write_export, timm_spec, to_timm_state
+    from dbot_ds.config import ModelConfig
     from dbot_ds.model.vit import Encoder
     cfg = ModelConfig()
     torch.manual_seed(0)
@@ -212,9 +211,10 @@ def test_encoder_that_is_neither_export_nor_checkpoint(tmp_path, pattern, capsys
 def test_a_checkpoint_is_exported_first(tiny_export, pattern, tmp_path, capsys, monkeypatch):
     """A run folder goes through export.export (its student, the given tag) into a temporary folder; here export
     is replaced by a copy of the tiny export, so no training run (and no DeepSpeed) is needed."""
+    from dataclasses import asdict
+
     import dbot_ds.evaluate.cli as ev
     from dbot_ds.config import ModelConfig
-    from dataclasses import asdict
     tag = tmp_path / "run" / "checkpoints" / "step00000004"
     tag.mkdir(parents=True)
     (tag.parent / "latest").write_text("step00000002")                 # --tag wins over latest
@@ -254,8 +254,9 @@ def test_monitor_stage_end_score_equals_dbot_eval_on_the_same_weights(pattern, t
     (`write_stage_encoder`: stage_encoders/stageK): exactly the same four scores. The monitor is built for a bf16
     run, yet the stage-end score is fp32 (fp32 images, forward and weights), as dbot-eval's."""
     import dataclasses
-    from dbot_ds.config import build_config
+
     from dbot_ds.checkpoint.export import write_stage_encoder
+    from dbot_ds.config import build_config
     from dbot_ds.model.vit import BeitEncoder, Encoder
     from dbot_ds.train.monitor import KnnMonitor
     cfg = build_config({"schedule.stage_steps": [2, 2], "eval.shards": pattern, "eval.k": 10, "eval.query_every": 4,

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run, torchrun_cmd
 
 DEPTH, DECAY = 4, 0.65
@@ -19,8 +18,8 @@ DEPTH, DECAY = 4, 0.65
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory) -> Path:
     """A random vit_tiny_patch4 (32 px, width 96, depth 4) as a dbot-export folder (no training run)."""
-    from dbot_ds.config import ModelConfig
     from dbot_ds.checkpoint.export import IMAGENET_MEAN, IMAGENET_STD, _write_export, timm_spec, to_timm_state
+    from dbot_ds.config import ModelConfig
     from dbot_ds.model.vit import Encoder
     cfg = ModelConfig()
     assert cfg.depth == DEPTH
@@ -101,6 +100,7 @@ def test_randaug_top_magnitude_posterize_gives_black_instead_of_crashing():
     reference's Pillow returned black, newer Pillow raises, which would end a fine-tune at a random image."""
     import numpy as np
     from PIL import Image
+
     from dbot_ds.evaluate.finetune import parse_args, train_transform
     transform = train_transform(parse_args(["x", "--train-shards", "y"]), dict(interpolation="bicubic"), 32)
     ops = [op for t in transform.transforms for op in getattr(t, "ops", [])]
@@ -114,6 +114,7 @@ def test_randaug_top_magnitude_posterize_gives_black_instead_of_crashing():
 def test_a_few_cpu_steps_train_and_save_a_timm_classifier(tiny_export, labelled, tmp_path, capsys):
     import timm
     from safetensors.torch import load_file
+
     from dbot_ds.evaluate.finetune import parse_args, train
     from dbot_ds.plan.stages import lr_at
     out = tmp_path / "ft"

@@ -6,12 +6,12 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, launch_pretrain, read_metrics
+
 from dbot_ds.config import ConfigError, load_config
 from dbot_ds.model.masking import block_mask_2d, block_masking
-from dbot_ds.model.vit import SymmetricStudent, build_student, param_groups
 from dbot_ds.model.objective import dbot_loss, loss_fn, neg_cosine_loss
+from dbot_ds.model.vit import SymmetricStudent, build_student, param_groups
 from dbot_ds.plan.stages import peak_lr
 from dbot_ds.teachers.clip import clip_grid_check, clip_teacher
 

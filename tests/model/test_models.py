@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from dbot_ds.config import ARCHS, load_config
-from dbot_ds.model.vit import (Student, build_student, build_teacher, param_groups, random_masking,
-                            sincos_pos_embed_2d)
+from dbot_ds.model.vit import Student, build_student, build_teacher, param_groups, random_masking, sincos_pos_embed_2d
 
 
 def tiny(**kw):

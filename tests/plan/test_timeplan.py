@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dbot_ds.plan import timeplan as tp
 from dbot_ds.config import load_config
+from dbot_ds.plan import timeplan as tp
 from dbot_ds.plan.memory import cli, time_recipe
 
 P = 1_000_000                                  # a small student: a 2 MB bf16 buffer per collective

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-
-from testkit import clip_reference
 from conftest import TINY, run, torchrun_cmd
+from testkit import clip_reference
+
 from dbot_ds.config import ConfigError, load_config
 from dbot_ds.teachers.clip import clip_teacher
 from dbot_ds.teachers.sources import vit_teacher

@@ -3,13 +3,12 @@ during the stage-end checkpoint, right after a resume, during a resume's start-u
 sweep on its own. The long run (30+ kills per data mode) is `python tests/chaos.py`, recorded in BENCHMARKS.md."""
 from __future__ import annotations
 
-import pytest
-
 import os
 import time
 from pathlib import Path
 
 import chaos
+import pytest
 
 # In run order; each is reachable from where the previous kill leaves the run (see chaos.next_target).
 CI_KILLS = ["ckpt_write", "switch_ckpt", "resume", "startup"]

@@ -1,6 +1,6 @@
 """The skipped-step policy as a pure function of DeepSpeed's cumulative skip counter."""
-from dbot_ds.train.guards import SkippedSteps
 from dbot_ds.plan.stages import StagePlan
+from dbot_ds.train.guards import SkippedSteps
 
 PLAN = StagePlan(lengths=(10, 10), teacher_depths=(0, 4), warmup_steps=1, peak_lr=1e-3, min_lr=0.0)
 

@@ -12,10 +12,10 @@ import webdataset as wds
 from PIL import Image
 
 from dbot_ds.config import ConfigError, load_config
-from dbot_ds.evaluate.knn import interleave, load_labelled, load_shares, weighted_knn
-from dbot_ds.train.monitor import KnnMonitor
 from dbot_ds.data.manifest import shard_pattern
 from dbot_ds.data.synthetic import write_synthetic_shards
+from dbot_ds.evaluate.knn import interleave, load_labelled, load_shares, weighted_knn
+from dbot_ds.train.monitor import KnnMonitor
 
 
 def unit(*rows) -> torch.Tensor:

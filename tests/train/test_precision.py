@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 import yaml
-
 from conftest import TINY, run
-from dbot_ds.train import precision
+
 from dbot_ds.config import ConfigError, load_config
+from dbot_ds.train import precision
 
 CPU = torch.device("cpu")
 

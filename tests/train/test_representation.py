@@ -5,22 +5,21 @@ random depth-0 teacher (patch embedding + positions of the initial student), the
 (`dbot-bench repro` runs the full trainer for longer, over 3 seeds: BENCHMARKS.md.)"""
 from __future__ import annotations
 
-import pytest
-
 import json
 
+import pytest
 import torch
 
+from dbot_ds.checkpoint.export import write_stage_encoder
 from dbot_ds.config import load_config
 from dbot_ds.data.augment import normalize
-from dbot_ds.data.stream import mix_seed
 from dbot_ds.data.digits import write_digits_shards
-from dbot_ds.evaluate.cli import cli as dbot_eval
-from dbot_ds.checkpoint.export import write_stage_encoder
-from dbot_ds.evaluate.knn import load_labelled
-from dbot_ds.model.vit import build_student, build_teacher, teacher_state_from_student
-from dbot_ds.model.objective import loss_fn
 from dbot_ds.data.manifest import shard_pattern
+from dbot_ds.data.stream import mix_seed
+from dbot_ds.evaluate.cli import cli as dbot_eval
+from dbot_ds.evaluate.knn import load_labelled
+from dbot_ds.model.objective import loss_fn
+from dbot_ds.model.vit import build_student, build_teacher, teacher_state_from_student
 
 pytestmark = pytest.mark.slow       # every test here starts real processes or trains a run
 

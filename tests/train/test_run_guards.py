@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, deepspeed_cmd, launch_pretrain, read_metrics, run
+
 from dbot_ds.data.synthetic import write_synthetic_shards
 
 pytestmark = pytest.mark.slow       # every test here starts real processes or trains a run
@@ -150,17 +150,15 @@ def test_time_boxed_stop_saves_first_and_logs_plain_lines(tmp_path, shards):
     """run.stop_after_steps off the save grid still writes a checkpoint (and says where), and counts the steps of
     each invocation (a time-boxed job run again trains the next N steps); output that is not a
     terminal gets plain log lines instead of a tqdm bar redrawn with carriage returns."""
-    common = TINY + [f"data.shards={shards}", f"run.out_dir={tmp_path}", "schedule.stage_steps=[3,3]",
-                     "optim.micro_batch=16", "run.save_every=100", "run.log_every=1", "run.progress=true"]
-    proc = launch_pretrain(0, common + ["run.stop_after_steps=2"])
+    common = TINY + [f"data.shards={shards}", f"run.out_dir={tmp_path}", "schedule.stage_steps=[1,3]",
+                     "optim.micro_batch=16", "run.save_every=100", "run.log_every=1", "run.progress=true",
+                     "run.stop_after_steps=2"]
+    proc = launch_pretrain(0, common)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"
     stopped = [m for m in read_metrics(tmp_path) if m.get("event") == "stopped"]
     assert stopped[0]["checkpoint"].endswith("checkpoints/step00000002")
-    assert "[dbot] step 2/6 stage=0 loss=" in proc.tail and "\r" not in proc.tail
-    proc = launch_pretrain(0, common + ["run.stop_after_steps=2"])       # the same command: the next 2 steps
-    assert "at step 2 (stage 0)" in proc.tail and "[dbot] step 4/6" in proc.tail
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000004"
-    proc = launch_pretrain(0, common)
-    assert "at step 4 (stage 1)" in proc.tail and "done: step 6/6" in proc.tail
+    assert "[dbot] step 2/4 stage=1 loss=" in proc.tail and "\r" not in proc.tail
+    proc = launch_pretrain(0, common)                                    # the same command: the next 2 steps
+    assert "at step 2 (stage 1)" in proc.tail and "done: step 4/4" in proc.tail
     proc = launch_pretrain(0, common)                                    # nothing left to train
-    assert "at step 6 (all stages finished)" in proc.tail
+    assert "at step 4 (all stages finished)" in proc.tail
