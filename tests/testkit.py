@@ -1,6 +1,7 @@
 """Helpers shared by test modules in different folders and by the probe scripts the tests launch: shards of
-coloured samples whose ids survive crops (the loader, stall and reshard tests), and transformers' own CLIP
-features (the CLIP teacher tests and their 2-process probe)."""
+coloured samples whose ids survive crops (the loader, stall and reshard tests), transformers' own CLIP
+features (the CLIP teacher tests and their 2-process probe), and a finished checkpoint without DeepSpeed's files
+(the export tests)."""
 from __future__ import annotations
 
 import io
@@ -78,3 +79,25 @@ def clip_reference(model, images_imagenet_normalised, layer=-1):
     raw = images_imagenet_normalised * std_in.view(1, 3, 1, 1) + mean_in.view(1, 3, 1, 1)
     out = model(pixel_values=(raw - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1), output_hidden_states=True)
     return out.last_hidden_state if layer < 0 else out.hidden_states[layer]
+
+
+def fake_checkpoint(ckpt_dir: Path, step: int, stage: int, stage_end: bool, lengths=(96, 96)) -> Path:
+    """A tag folder as the trainer writes it (COMPLETE record, teacher.pt, files recorded by ckpt_safety), without
+    DeepSpeed's files: the tests replace `_consolidate_student` (the only DeepSpeed read) by `fake_student`."""
+    from dbot_ds.checkpoint.safety import main as ckpt_safety
+    from dbot_ds.config import build_config
+    from dbot_ds.model.vit import Encoder
+    cfg = build_config({"schedule.stage_steps": list(lengths), "optim.precision": "fp32"})   # vit_tiny_patch4, 32 px
+    tag = ckpt_dir / f"step{step:08d}"
+    tag.mkdir(parents=True)
+    client = {"step": step, "stage": stage, "plan_lengths": list(lengths), "zero_stage": 2, "world_size": 1,
+              "config": cfg.to_dict()}
+    (tag / "COMPLETE").write_text(json.dumps({"step": step, "stage": stage, "stage_end": stage_end,
+                                              "client_state": client}))
+    torch.manual_seed(1)
+    teacher = Encoder(cfg.model, cfg.model.depth, final_norm=False).state_dict()
+    torch.save({"depth": cfg.model.depth, "state": {k: v.to(torch.bfloat16) for k, v in teacher.items()}},
+               tag / "teacher.pt")
+    assert ckpt_safety(["record", str(tag)]) == 0
+    (ckpt_dir / "latest").write_text(tag.name)
+    return tag

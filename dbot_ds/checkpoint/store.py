@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dbot_ds.distributed.groups import barrier
+from dbot_ds.distributed.groups import barrier, gather_objects
 
 from .safety import (
     CheckpointRefused,
@@ -82,15 +82,6 @@ def _save_hashed(obj, path: Path) -> dict:
     return writer.record()
 
 
-def _gather(obj) -> list:
-    """Every rank's `obj` (a world of one without a process group)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _record_together(tag_dir: Path, rank: int, world: int, hashed: dict) -> dict[str, dict]:
     """Collective: each rank hashes the files it wrote (its optimizer shard is still in its page cache; rank 0
     the model states), and all records are merged. A rank that cannot read fails every rank, none hangs."""
@@ -98,7 +89,7 @@ def _record_together(tag_dir: Path, rank: int, world: int, hashed: dict) -> dict
         mine, error = record_files(tag_dir, rank, world, known=hashed), None
     except OSError as e:
         mine, error = {}, e
-    gathered = _gather((mine, str(error) if error else None))
+    gathered = gather_objects((mine, str(error) if error else None))
     errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(gathered) if e]
     if errors:
         raise error or OSError(f"hashing {tag_dir} failed on {'; '.join(errors)}")
@@ -169,7 +160,7 @@ def verify(ckpt_dir: Path, tag: str, trust: bool = False) -> None:
     files = read_meta(ckpt_dir, tag).get("files")
     if files is None and rank == 0:
         print(no_record_warning(tag_dir), file=sys.stderr, flush=True)
-    problems = sorted(p for share in _gather(check_share(tag_dir, files, rank, world, scan=not trust)) for p in share)
+    problems = sorted(p for share in gather_objects(check_share(tag_dir, files, rank, world, scan=not trust)) for p in share)
     if problems:
         raise CheckpointRefused(refusal(tag_dir, problems))
     _VERIFIED.add(tag_dir.resolve())

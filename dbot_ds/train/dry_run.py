@@ -28,7 +28,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from PIL import Image
 
@@ -42,7 +41,7 @@ from dbot_ds.data.epochs import slice_pieces, units
 from dbot_ds.data.manifest import expand_shards, shard_counts
 from dbot_ds.data.shard_reader import _raw_samples
 from dbot_ds.distributed.engine import build_ds_config
-from dbot_ds.distributed.groups import cleanup
+from dbot_ds.distributed.groups import cleanup, gather_objects
 from dbot_ds.model.flops import PEAK_TFLOPS
 from dbot_ds.model.vit import Student, build_teacher
 from dbot_ds.plan import memory, timeplan
@@ -96,7 +95,7 @@ class DryRun(Preflight):
             mine += self._own_share(shards)
         except (OSError, RuntimeError, ValueError) as e:      # ConfigError is a ValueError
             error = str(e)
-        gathered = _gather((mine, error))
+        gathered = gather_objects((mine, error))
         failed = [(r, e) for r, (_, e) in enumerate(gathered) if e]
         if failed:
             rank, message = failed[0]
@@ -309,10 +308,3 @@ def _name(url: str) -> str:
     return os.path.basename(url.rstrip("/")) or url
 
 
-def _gather(obj) -> list:
-    """Every rank's `obj` (a world of one without a process group)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY, launch_pretrain, read_metrics
+from testkit import fake_checkpoint
 
 TAG_MID, TAG_FINAL = "step00000002", "step00000004"     # post-swap stage-end of stage 0; the final checkpoint
 
@@ -344,28 +345,6 @@ def test_stage_end_monitor_records_equal_dbot_eval_of_the_stage_encoders(ds_run,
 
 
 # ------------------------------------------------------------------------ the stage label, without training
-
-def fake_checkpoint(ckpt_dir: Path, step: int, stage: int, stage_end: bool, lengths=(96, 96)) -> Path:
-    """A tag folder as the trainer writes it (COMPLETE record, teacher.pt, files recorded by ckpt_safety), without
-    DeepSpeed's files: the tests replace `_consolidate_student` (the only DeepSpeed read) by `fake_student`."""
-    from dbot_ds.checkpoint.safety import main as ckpt_safety
-    from dbot_ds.config import build_config
-    from dbot_ds.model.vit import Encoder
-    cfg = build_config({"schedule.stage_steps": list(lengths), "optim.precision": "fp32"})   # vit_tiny_patch4, 32 px
-    tag = ckpt_dir / f"step{step:08d}"
-    tag.mkdir(parents=True)
-    client = {"step": step, "stage": stage, "plan_lengths": list(lengths), "zero_stage": 2, "world_size": 1,
-              "config": cfg.to_dict()}
-    (tag / "COMPLETE").write_text(json.dumps({"step": step, "stage": stage, "stage_end": stage_end,
-                                              "client_state": client}))
-    torch.manual_seed(1)
-    teacher = Encoder(cfg.model, cfg.model.depth, final_norm=False).state_dict()
-    torch.save({"depth": cfg.model.depth, "state": {k: v.to(torch.bfloat16) for k, v in teacher.items()}},
-               tag / "teacher.pt")
-    assert ckpt_safety(["record", str(tag)]) == 0
-    (ckpt_dir / "latest").write_text(tag.name)
-    return tag
-
 
 @pytest.fixture
 def fake_student(monkeypatch):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import fake_checkpoint
 
 SD = "model.safetensors"
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -174,24 +175,6 @@ def test_a_hub_only_folder_loads_with_load_encoder(export_dir, tmp_path):
 
 # ------------------------------------------------------------------------ teacher exports (dbot-export, no DeepSpeed)
 
-def fake_checkpoint(ckpt_dir: Path, cfg) -> Path:
-    """The final checkpoint of a 2-stage run as the trainer writes it (COMPLETE, teacher.pt in bf16 without the
-    final norm, sizes recorded), without DeepSpeed's files: `_consolidate_student` is replaced in the test."""
-    from dbot_ds.checkpoint.safety import main as ckpt_safety
-    from dbot_ds.model.vit import Encoder
-    tag = ckpt_dir / "step00000004"
-    tag.mkdir(parents=True)
-    client = {"step": 4, "stage": 2, "plan_lengths": [2, 2], "zero_stage": 2, "world_size": 1, "config": cfg.to_dict()}
-    (tag / "COMPLETE").write_text(json.dumps({"step": 4, "stage": 2, "stage_end": True, "client_state": client}))
-    torch.manual_seed(1)
-    teacher = Encoder(cfg.model, cfg.model.depth, final_norm=False).state_dict()
-    torch.save({"depth": cfg.model.depth, "state": {k: v.to(torch.bfloat16) for k, v in teacher.items()}},
-               tag / "teacher.pt")
-    assert ckpt_safety(["record", str(tag)]) == 0
-    (ckpt_dir / "latest").write_text(tag.name)
-    return tag
-
-
 def test_teacher_exports_get_the_layout_in_their_own_folder(cfg, tmp_path, monkeypatch, capsys):
     import dbot_ds
     import dbot_ds.checkpoint.export_cli as ex
@@ -202,7 +185,7 @@ def test_teacher_exports_get_the_layout_in_their_own_folder(cfg, tmp_path, monke
         return {f"encoder.{k}": v for k, v in Encoder(ref.model_cfg, ref.model_cfg.depth).state_dict().items()}
     monkeypatch.setattr(ex, "_consolidate_student", consolidate)
     run = tmp_path / "run"
-    fake_checkpoint(run / "checkpoints", cfg)
+    fake_checkpoint(run / "checkpoints", 4, 2, stage_end=True, lengths=(2, 2))   # the cfg fixture's
     out = tmp_path / "both"
     assert ex.cli([str(run), "--out", str(out), "--also-teacher"]) == 0, capsys.readouterr().err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
