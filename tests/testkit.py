@@ -101,3 +101,22 @@ def fake_checkpoint(ckpt_dir: Path, step: int, stage: int, stage_end: bool, leng
     assert ckpt_safety(["record", str(tag)]) == 0
     (ckpt_dir / "latest").write_text(tag.name)
     return tag
+
+
+def resume_check(run_dir: Path, overrides: list[str]):
+    """What a start of `--preset demo` + `overrides` decides about resuming `run_dir`'s newest checkpoint, checked
+    in this process as the start's preflight does (no launch: the refusals cost no process start-up): the stage
+    plan to continue with, or check_resume's ConfigError. Precision fp32, as the tests train."""
+    from conftest import last_wins
+
+    from dbot_ds.checkpoint import store
+    from dbot_ds.checkpoint.resume import check_resume
+    from dbot_ds.config import load_config
+    from dbot_ds.data.dataset import resolve_dataset
+    from dbot_ds.plan.stages import make_plan
+    cfg = load_config(preset="demo", overrides=last_wins(["optim.precision=fp32", *overrides]))
+    dataset = resolve_dataset(cfg, 0, run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    tag = store.find_resume_tag(ckpt_dir)
+    plan = make_plan(cfg, dataset.num_samples // cfg.optim.global_batch)
+    return check_resume(cfg, store.read_meta(ckpt_dir, tag), 1, 2, tag, plan, dataset)

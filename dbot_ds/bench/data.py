@@ -40,8 +40,9 @@ def run_data_bench(args: argparse.Namespace) -> dict:
         result["profile_ms_per_img"] = profile_stages(args.shards, img_size=args.img_size, batch=args.batch)
     processes = max(args.workers, 1)  # with 0 workers everything runs in the main process
     skipped = [0]
+    result["teacher_size"] = args.teacher_size
     result["img_per_s"] = bench_ours(args.shards, **common, normalized=not args.skip_normalize, augment=augment,
-                                     skipped=skipped)
+                                     skipped=skipped, teacher_size=args.teacher_size)
     result["skipped"] = skipped[0]
     result["img_per_s_per_worker"] = result["img_per_s"] / processes
     if not args.no_baseline:
@@ -66,7 +67,8 @@ _NORMALIZE_NOTE = {
 
 
 def _summary(r: dict) -> str:
-    lines = [f"data loader benchmark: {r['workers']} workers, batch {r['batch']}, {r['img_size']} px, "
+    views = f" + the teacher's {r['teacher_size']} px view" if r.get("teacher_size") else ""
+    lines = [f"data loader benchmark: {r['workers']} workers, batch {r['batch']}, {r['img_size']} px{views}, "
              f"{r['steps']} timed steps after {r['warmup']} warm-up; {r['cpu_count']} CPUs; "
              + _NORMALIZE_NOTE.get(r["normalize_device"], f"our normalize on {r['normalize_device']}"),
              f"  ours (webdataset shards):             {r['img_per_s']:8.1f} img/s, "
@@ -116,6 +118,8 @@ def add_command(commands) -> None:
                    help="time our loader without normalize (what it delivers when a GPU normalises)")
     p.add_argument("--profile", action="store_true", help="also print ms/img per pipeline stage (in-process)")
     p.add_argument("--json", help="also write the JSON result to this file")
+    p.add_argument("--teacher-size", type=int, default=0,
+                   help="also cut the teacher's view at this size from each crop (teacher.input_size; 0: none)")
     default = Augment()
     p.add_argument("--crop-scale", type=float, nargs=2, default=list(default.crop_scale), metavar=("MIN", "MAX"),
                    help="as data.crop_scale (default 0.2 1.0)")

@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision import datasets, transforms
 
-from dbot_ds.data.augment import IMAGE_KEYS, IMAGENET_MEAN, IMAGENET_STD, Augment, normalize
+from dbot_ds.data.augment import IMAGE_KEYS, IMAGENET_MEAN, IMAGENET_STD, Augment, Views, normalize
 from dbot_ds.data.manifest import expand_shards
 from dbot_ds.data.stream import build_train_loader
 
@@ -41,9 +41,10 @@ def _timed(batches: Iterator, consume: Callable[[object], int], warmup: int, ste
 
 def bench_ours(pattern: str, *, workers: int, batch: int, img_size: int, warmup: int, steps: int,
                seed: int = 0, normalized: bool = True, augment: Augment = Augment(),
-               skipped: list[int] | None = None) -> float:
+               skipped: list[int] | None = None, teacher_size: int = 0) -> float:
     """img/s of build_train_loader (decode + crop in workers, uint8 batches) + normalize on :func:`_device`
     (``normalized=False``: the loader alone, i.e. what the workers deliver when a GPU does the normalising).
+    ``teacher_size``: each crop also gives the teacher's view at that size (both views normalised).
     Unreadable samples the loader skipped are added to ``skipped[0]``."""
     device = _device()
     skipped = [0] if skipped is None else skipped
@@ -51,12 +52,14 @@ def bench_ours(pattern: str, *, workers: int, batch: int, img_size: int, warmup:
     def consume(item: tuple[torch.Tensor, object]) -> int:
         images, info = item
         skipped[0] += info.skipped
+        views = images if isinstance(images, Views) else (images,)
         if normalized:
-            normalize(images.to(device, non_blocking=True))
-        return images.shape[0]
+            for view in views:
+                normalize(view.to(device, non_blocking=True))
+        return views[0].shape[0]
 
     loader = build_train_loader(pattern, img_size=img_size, micro_batch=batch, num_workers=workers, seed=seed,
-                                rank=0, world_size=1, augment=augment)
+                                rank=0, world_size=1, augment=augment, teacher_size=teacher_size)
     return _timed(iter(loader), consume, warmup, steps)
 
 

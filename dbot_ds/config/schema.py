@@ -74,8 +74,9 @@ class TeacherConfig:
     clip_target: str = "hidden"        # hf_clip: hidden = hidden state `teacher.layer` (before ln_post, unprojected);
                                        # post_norm_proj = every token through ln_post + the visual projection
                                        # (reference --post_patch_norm True; needs a folder holding visual_projection)
-    input_size: int = 0                # vit / hf_clip: pixels the teacher reads (bicubic resize of the student's
-                                       # input) so its token grid equals the student's; 0 = model.img_size. E.g. 196
+    input_size: int = 0                # vit / hf_clip: pixels of the teacher's own view (the loader resizes the
+                                       # student's crop to it, bicubic) so its token grid equals the student's;
+                                       # 0 = model.img_size. E.g. 196
                                        # for a /14 teacher beside a /16 student, 256 for a /16 teacher beside a /14 one
     precision: str = "bf16"            # with optim.precision=bf16: bf16 = bf16 weights, bf16 residual stream;
                                        # fp32 = fp32 weights under bf16 autocast (bf16 matmuls, fp32 residual stream,

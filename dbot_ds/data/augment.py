@@ -78,24 +78,51 @@ class Augment(NamedTuple):
         return self._replace(crop_scale=(lo, hi))
 
 
+class Views(NamedTuple):
+    """A sample's two views when the teacher reads another size than the student (teacher.input_size): both cut
+    from the same random crop and flipped together, as the reference's second_input_size. uint8 [3, S, S] and
+    [3, T, T] per image, or [B, 3, S, S] and [B, 3, T, T] per batch."""
+    student: torch.Tensor
+    teacher: torch.Tensor
+
+
 class _Decoder:
-    """Raw sample -> augmented uint8 [3, S, S], or None if unreadable: ColorJitter (if on) on the whole image as
-    the reference applies it, then RandomResizedCrop, then the flip (crop and flip commute in distribution).
+    """Raw sample -> augmented uint8 [3, S, S] (or `Views` with `teacher_size`), or None if unreadable: ColorJitter
+    (if on) on the whole image as the reference applies it, then RandomResizedCrop, then the flip (crop and flip
+    commute in distribution).
+
+    With `teacher_size` (T px) the same crop box is also resized to T x T with bicubic, the reference's second
+    view for a teacher of another patch size: one decode, one crop, two resizes from the crop's own pixels (not a
+    resize of the S px view). Without it, the RNG draws are those of torchvision's v2 pipeline
+    (ColorJitter, RandomResizedCrop, RandomHorizontalFlip), so the student's view is the same either way.
 
     Each image's augmentation is seeded by its own integer, so a stream can skip ahead (resume) without
     replaying the RNG, and the caller's global torch RNG is left as it was."""
 
-    def __init__(self, img_size: int, augment: Augment = Augment()):
+    def __init__(self, img_size: int, augment: Augment = Augment(), teacher_size: int = 0):
         augment = augment.check()
-        steps = [v2.ColorJitter(*(augment.color_jitter,) * 3)] if augment.color_jitter else []
-        steps.append(v2.RandomResizedCrop(img_size, scale=augment.crop_scale,
-                                          interpolation=INTERPOLATIONS[augment.interpolation]))
-        if augment.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        self.augment = v2.Compose(steps)
+        self.jitter = v2.ColorJitter(*(augment.color_jitter,) * 3) if augment.color_jitter else None
+        self.crop = v2.RandomResizedCrop(img_size, scale=augment.crop_scale)   # only its parameters are drawn
+        self.resizes = [(img_size, INTERPOLATIONS[augment.interpolation])]
+        if teacher_size and teacher_size != img_size:
+            self.resizes.append((teacher_size, v2.InterpolationMode.BICUBIC))
+        self.hflip = augment.hflip
         # The smallest crop (min scale, aspect 3/4) spans sqrt(0.75 * scale) of the short side; decoding the
-        # JPEG at no less than img_size / that keeps every crop at full output resolution.
-        self.draft_side = int(img_size / (0.75 * augment.crop_scale[0]) ** 0.5) + 1
+        # JPEG at no less than the larger output / that keeps every crop (and view) at full output resolution.
+        out = max(size for size, _ in self.resizes)
+        self.draft_side = int(out / (0.75 * augment.crop_scale[0]) ** 0.5) + 1
+
+    def _augment(self, img: torch.Tensor) -> torch.Tensor | Views:
+        """One image's views; draws from torch's default generator (seeded by the caller)."""
+        if self.jitter is not None:
+            img = self.jitter(img)
+        box = self.crop.make_params([img])                      # top, left, height, width
+        views = [v2.functional.resized_crop(img, **box, size=[size, size], interpolation=mode, antialias=True)
+                 for size, mode in self.resizes]
+        if self.hflip and torch.rand(1) < 0.5:                  # v2.RandomHorizontalFlip's own draw
+            views = [v2.functional.horizontal_flip(v) for v in views]
+        views = [v.contiguous() for v in views]
+        return views[0] if len(views) == 1 else Views(*views)
 
     def image_bytes(self, sample: dict, count: bool) -> bytes | None:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -122,7 +149,7 @@ class _Decoder:
         outer = rng.get_state()
         rng.manual_seed(seed)
         try:
-            return self.augment(img).contiguous()
+            return self._augment(img)
         finally:
             rng.set_state(outer)
 

@@ -159,8 +159,10 @@ def _sized(cfg: Config, pattern: str, rank: int, run_dir: Path) -> Dataset:
     except ValueError as e:
         raise ConfigError(f"{e}; or set data.num_samples (with data.resampled=true)") from e
     if d.num_samples and d.num_samples != total:
-        raise ConfigError(f"data.num_samples={d.num_samples} but the shards hold {total} samples (from {source}); "
-                          "leave data.num_samples at 0 with data.resampled=false")
+        raise ConfigError(f"data.num_samples={d.num_samples} but the shards hold {total} samples (from {source}), and "
+                          "exact epochs (data.resampled=false) read every sample once: set data.num_samples=0 to "
+                          "take the shards' own count, or data.resampled=true to keep data.num_samples as the epoch "
+                          "size")
     return Dataset(pattern, len(shards), total, source, manifest, skipped)
 
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .augment import Augment, _Decoder
+from .augment import Augment, Views, _Decoder
 from .epochs import (  # noqa: F401 - part of this module's API
     DEFAULT_OPEN_SHARDS,
     Geometry,
@@ -142,12 +142,12 @@ class _Stream(torch.utils.data.IterableDataset):
     def __init__(self, pattern: str, shards: list[str], *, img_size: int, micro_batch: int, seed: int, rank: int,
                  world_size: int, shuffle_buffer: int, augment: Augment, start_batch: int, stall_s: float,
                  open_shards: int, counts: list[int] | None = None, spec: dict | None = None,
-                 block: list[Unit] | None = None):
+                 block: list[Unit] | None = None, teacher_size: int = 0):
         self.pattern, self.shards, self.counts, self.spec, self.block = pattern, shards, counts, spec, block
         self.micro_batch, self.seed, self.rank, self.world_size = micro_batch, seed, rank, world_size
         self.shuffle_buffer, self.start_batch, self.stall_s = shuffle_buffer, start_batch, stall_s
         self.open_shards = open_shards
-        self.decode = _Decoder(img_size, augment)
+        self.decode = _Decoder(img_size, augment, teacher_size)
 
     def _units(self) -> Iterator[Unit]:
         return itertools.chain(self.block, epoch_units(self.spec["first_epoch"], self.counts, self.seed))
@@ -192,7 +192,9 @@ def _full_batches(images: Iterator[tuple[torch.Tensor, tuple]], size: int) -> It
     (webdataset's `batched` yields a batch only when the next image arrives, so the skips met while reading
     that image were counted one batch early.)"""
     while len(batch := list(itertools.islice(images, size))) == size:
-        yield torch.stack([image for image, _ in batch]), batch[-1][1]
+        views = [image for image, _ in batch]
+        stacked = Views(*map(torch.stack, zip(*views))) if isinstance(views[0], Views) else torch.stack(views)
+        yield stacked, batch[-1][1]
 
 
 def _with_skip_counts(batches: Iterator[tuple[torch.Tensor, tuple]]) -> Iterator[tuple[torch.Tensor, BatchInfo]]:
@@ -210,9 +212,11 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
                        rank: int, world_size: int, resampled: bool = True, shuffle_buffer: int = 1000,
                        augment: Augment = Augment(), start_batch: int = 0, manifest: str | None = None,
                        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S, spec: dict | None = None,
-                       open_shards: int = DEFAULT_OPEN_SHARDS) -> torch.utils.data.DataLoader:
+                       open_shards: int = DEFAULT_OPEN_SHARDS, teacher_size: int = 0) -> torch.utils.data.DataLoader:
     """INFINITE iterable of (uint8 image batch [micro_batch, 3, img_size, img_size] (CPU, pinned if CUDA),
     BatchInfo: samples skipped as unreadable since the producing worker's previous batch, reader position).
+    With teacher_size T (a teacher of another input size), the batch is `Views(student [micro_batch, 3, img_size,
+    img_size], teacher [micro_batch, 3, T, T])`, both cut from each image's one crop.
 
     resampled=True: shards drawn with replacement; reproducible for a fixed (seed, rank, num_workers); resume
     by building a new stream with a new seed. resampled=False: epochs of exact coverage, shard order seeded by
@@ -246,7 +250,7 @@ def build_train_loader(pattern: str, *, img_size: int, micro_batch: int, num_wor
     stream = _Stream(pattern, shards, img_size=img_size, micro_batch=micro_batch, seed=seed, rank=rank,
                      world_size=world_size, shuffle_buffer=shuffle_buffer, augment=augment.check(),
                      start_batch=start_batch, stall_s=stall_timeout_s, open_shards=open_shards, counts=counts,
-                     spec=None if resampled else spec, block=block)
+                     spec=None if resampled else spec, block=block, teacher_size=teacher_size)
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,  # batched inside the workers

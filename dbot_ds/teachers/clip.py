@@ -46,8 +46,8 @@ class ClipTeacher(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
         if self.input_size:
-            # The reference crops once and resizes the crop to each size with PIL bicubic; this resizes the
-            # student's 224 px view instead (bicubic commutes with the per-channel affine above).
+            # In training the loader already cut this view from the crop (a no-op here); other callers that
+            # pass the student's view get it resized (bicubic commutes with the per-channel affine above).
             x = resize_images(x, self.input_size)
         out = self.tower(pixel_values=x, output_hidden_states=self.layer >= 0)
         if self.target == "post_norm_proj":

@@ -60,8 +60,9 @@ def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ResizedInput(nn.Module):
-    """A teacher that reads the student's images resized to `size` px, so that a teacher with another patch size
-    sees the student's token grid (the reference feeds such a teacher a second view at `--second_input_size`)."""
+    """A teacher that reads `size` px images, so that a teacher with another patch size sees the student's token
+    grid. In training the loader hands it its own view of each crop at `size` (the reference's
+    `--second_input_size`) and this passes it through; a caller with the student's view gets that resized."""
 
     def __init__(self, encoder: nn.Module, size: int):
         super().__init__()

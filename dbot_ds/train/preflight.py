@@ -20,7 +20,7 @@ from dbot_ds.config import Config, ConfigError, grad_accum_steps
 from dbot_ds.data.augment import Augment
 from dbot_ds.data.dataset import resolve_dataset, resolve_eval_shards
 from dbot_ds.data.epochs import StreamState
-from dbot_ds.data.stream import build_train_loader, epoch_batches_per_rank, mix_seed
+from dbot_ds.data.stream import build_train_loader, mix_seed
 from dbot_ds.distributed.engine import build_ds_config, zero_stage
 from dbot_ds.distributed.groups import init_process_group, world_size_from_env
 from dbot_ds.distributed.watchdog import Heartbeat
@@ -51,6 +51,10 @@ class Preflight:
         self.pattern = self.dataset.pattern
         if self.rank == 0:
             print(f"[dbot] {self.dataset.describe()}", flush=True)
+            if self._teacher_view_size():
+                size = self._teacher_view_size()
+                print(f"[dbot] data: each crop also gives the teacher's own {size} px view (teacher.input_size; "
+                      f"bicubic from the crop, as the reference's second_input_size)", flush=True)
         self.step, self.samples_seen = 0, 0
         self.skipped, self.skipped_base, self.skipped_total = 0, 0, 0   # this process's / at resume / all ranks
         self.stream = StreamState.fresh(geometry(cfg, self.world))      # exact epochs: the data position
@@ -99,13 +103,12 @@ class Preflight:
         self.plan = check_resume(self.cfg, meta, self.world, self.zstage, self.resume_tag, self.plan, self.dataset)
         ckpt.verify(self.resume_dir, self.resume_tag, self.trust_checkpoint)   # hashes + pickle scan
 
-    def _steps_per_epoch(self) -> float:
-        """Resampled: N // global_batch, as the reference's drop-last loader. Exact epochs: the loader's epoch
-        (every sample once, plus < readers x micro_batch repeats so every rank gets whole batches)."""
-        d, o, n = self.cfg.data, self.cfg.optim, self.dataset.num_samples
-        if d.resampled:
-            return n // o.global_batch
-        return epoch_batches_per_rank(n, self.world, d.num_workers, o.micro_batch) / self.accum
+    def _steps_per_epoch(self) -> int:
+        """N // global_batch in both data modes, as the reference's drop-last loader: the presets' epochs give the
+        reference's step count and LR curve. An exact-epoch pass over the data is slightly longer (each reader's
+        share is rounded up to whole micro-batches, docs/data.md), so passes and schedule epochs drift apart by
+        that padding (2.3% with 32 ranks x 10 workers x 128 on ImageNet-1K)."""
+        return self.dataset.num_samples // self.cfg.optim.global_batch
 
     def _loader(self):
         """The data stream from the current step. Resampled: reseeded by (seed, step). Exact epochs: one seed
@@ -119,7 +122,13 @@ class Preflight:
                                   resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, start_batch=start,
                                   manifest=self.dataset.manifest, stall_timeout_s=d.stall_timeout_s,
                                   spec=self.stream.spec, open_shards=d.open_shards,
-                                  augment=self._augment())
+                                  augment=self._augment(), teacher_size=self._teacher_view_size())
+
+    def _teacher_view_size(self) -> int:
+        """teacher.input_size when it differs from the student's: the loader then cuts the teacher's own view from
+        each crop (the reference's second_input_size) instead of the teacher resizing the student's view."""
+        size = self.cfg.teacher.input_size
+        return size if size and size != self.cfg.model.img_size else 0
 
     def _augment(self) -> Augment:
         """The training augmentation of data.crop_scale, data.hflip, data.interpolation, data.color_jitter."""

@@ -25,7 +25,7 @@ from dbot_ds.checkpoint.safety import load_teacher_file
 from dbot_ds.checkpoint.storage import StorageError, explain, probe_writable, raise_together
 from dbot_ds.config import Config, dump_config
 from dbot_ds.data.epochs import StreamState
-from dbot_ds.data.augment import normalize
+from dbot_ds.data.augment import Views, normalize
 from dbot_ds.data.manifest import shard_counts
 from dbot_ds.data.stream import mix_seed
 from dbot_ds.distributed.engine import (full_fp32_state, init_student_engine, reset_adam, set_lr,
@@ -172,9 +172,12 @@ class Trainer(Preflight):
             self.skipped += info.skipped
             self.stream.consumed(info.reader, info.unit, info.drawn)
             self.data_wait_s += time.perf_counter() - t0
-            x = normalize(images.to(self.device, non_blocking=True), self.dtype)
+            student_u8, teacher_u8 = images if isinstance(images, Views) else (images, None)
+            x = normalize(student_u8.to(self.device, non_blocking=True), self.dtype)
+            # A teacher of another input size gets its own view of the same crop (Views); else the student's.
+            t = x if teacher_u8 is None else normalize(teacher_u8.to(self.device, non_blocking=True), self.dtype)
             torch.manual_seed(mix_seed(self.cfg.run.seed, self.step, micro, self.rank))
-            target = self.teacher(x)
+            target = self.teacher(t)
             pred, mask = self.engine(x)
             loss = loss_fn(self.cfg)(pred, target, mask)      # objective.loss
             self.engine.backward(loss)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import statistics
 from collections import Counter, defaultdict
 
 import pytest
@@ -86,13 +85,3 @@ def test_resume_on_other_world_sizes_and_zero_stages(tmp_path):
     switches = [m["step"] for m in read_metrics(runs) if m.get("event") == "stage_switch"]
     assert switches == [2, 4, 6, 8]
     assert sorted(m["step"] for m in read_metrics(runs) if "loss" in m) == list(range(1, 11))
-    # The loss curve stays close to an uninterrupted 2-rank ZeRO-2 run's. Not exact: the masks are seeded per rank
-    # and micro-step, and each reader layout splits and shuffles an epoch its own way, so another world size
-    # draws other masks and other batches.
-    full = tmp_path / "full"
-    _launch(2, common + [f"run.out_dir={full}", "deepspeed.config=zero2"], probe)
-    a = {m["step"]: m["loss"] for m in read_metrics(full) if "loss" in m}
-    b = {m["step"]: m["loss"] for m in read_metrics(runs) if "loss" in m}
-    for stage_steps in ([3, 4], [5, 6], [7, 8], [9, 10]):
-        ma, mb = statistics.mean(a[s] for s in stage_steps), statistics.mean(b[s] for s in stage_steps)
-        assert abs(ma - mb) <= 0.15 * ma, (stage_steps, ma, mb)

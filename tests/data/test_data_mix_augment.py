@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -105,6 +106,84 @@ def test_augment_keys_reach_the_decoder_and_stay_deterministic_per_image():
     assert not torch.equal(_Decoder(32, whole._replace(interpolation="bilinear"))(sample, seed=1),
                            _Decoder(32, whole)(sample, seed=1))
     assert _Decoder(32, Augment(crop_scale=(0.4, 1.0))).draft_side < _Decoder(32).draft_side
+
+
+def _v2_pipeline(size, aug):
+    """The student's augmentation as torchvision's v2 Compose (what _Decoder's draws must equal)."""
+    from torchvision.transforms import v2
+
+    from dbot_ds.data.augment import INTERPOLATIONS
+    steps = [v2.ColorJitter(*(aug.color_jitter,) * 3)] if aug.color_jitter else []
+    steps.append(v2.RandomResizedCrop(size, scale=aug.crop_scale, interpolation=INTERPOLATIONS[aug.interpolation]))
+    return v2.Compose(steps + ([v2.RandomHorizontalFlip()] if aug.hflip else []))
+
+
+@pytest.mark.parametrize("aug", [Augment(), Augment(color_jitter=0.4, crop_scale=(0.4, 1.0)),
+                                 Augment(hflip=False, interpolation="bilinear")])
+def test_teacher_view_is_cut_from_the_same_crop_and_leaves_the_student_view_unchanged(aug):
+    """teacher.input_size != model.img_size: one crop box, resized to each size from the crop's own pixels (the
+    reference's second_input_size), flipped together; the student's view is bit-identical to v2's pipeline."""
+    from torchvision.transforms import v2
+
+    from dbot_ds.data.augment import Views
+    img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(photo()["png"])))).permute(2, 0, 1)
+    one, two = _Decoder(32, aug), _Decoder(32, aug, teacher_size=28)
+    for seed in range(12):
+        torch.manual_seed(seed)
+        want = _v2_pipeline(32, aug)(img)
+        torch.manual_seed(seed)
+        student = one._augment(img)
+        torch.manual_seed(seed)
+        views = two._augment(img)
+        assert isinstance(views, Views) and torch.equal(student, want) and torch.equal(views.student, want)
+        assert views.teacher.shape == (3, 28, 28) and views.teacher.dtype == torch.uint8
+        # the same box, resized straight to 28 px (bicubic), flipped as the student's view was
+        torch.manual_seed(seed)
+        img_j = v2.ColorJitter(*(aug.color_jitter,) * 3)(img) if aug.color_jitter else img
+        box = v2.RandomResizedCrop(32, scale=aug.crop_scale).make_params([img_j])
+        flip = aug.hflip and bool(torch.rand(1) < 0.5)
+        direct = v2.functional.resized_crop(img_j, **box, size=[28, 28],
+                                            interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        assert torch.equal(views.teacher, v2.functional.horizontal_flip(direct) if flip else direct)
+        twice = v2.functional.resize(views.student, [28, 28], interpolation=v2.InterpolationMode.BICUBIC,
+                                     antialias=True)
+        assert not torch.equal(views.teacher, twice)          # not a resize of the student's view
+    assert _Decoder(32, aug, teacher_size=32)._augment(img).dim() == 3     # same size: one view
+    assert two.draft_side == one.draft_side and _Decoder(32, aug, teacher_size=64).draft_side > one.draft_side
+
+
+def test_teacher_view_matches_pil_bicubic_of_the_crop_as_the_reference_makes_it():
+    """On a real photo (scikit-image's astronaut), the 196 px teacher view is within 0.01/255 (mean pixel
+    difference) of PIL's bicubic resize of the same crop, the reference's second_input_size (0.2/255 for a crop
+    enlarged to 196 px). Resizing the 224 px student view again, as earlier versions did, is about 1/255 away."""
+    from skimage import data
+    from torchvision.transforms import v2
+    photo_hwc = data.astronaut()
+    img, pil = torch.from_numpy(photo_hwc).permute(2, 0, 1), Image.fromarray(photo_hwc)
+    decoder = _Decoder(224, Augment(hflip=False), teacher_size=196)
+    ours, twice = [], []
+    for seed in range(10):
+        torch.manual_seed(seed)
+        views = decoder._augment(img)
+        torch.manual_seed(seed)
+        box = v2.RandomResizedCrop(224, scale=(0.2, 1.0)).make_params([img])
+        crop = pil.crop((box["left"], box["top"], box["left"] + box["width"], box["top"] + box["height"]))
+        ref = torch.from_numpy(np.asarray(crop.resize((196, 196), Image.BICUBIC))).permute(2, 0, 1).float()
+        resized = torch.nn.functional.interpolate(views.student[None].float(), size=(196, 196), mode="bicubic",
+                                                  align_corners=False, antialias=True)[0]
+        ours.append((views.teacher.float() - ref).abs().mean().item())
+        twice.append((resized - ref).abs().mean().item())
+    assert sorted(ours)[5] < 0.01 and max(ours) < 0.25 and min(twice) > 0.5, (ours, twice)
+
+
+def test_loader_batches_carry_both_views(sorted_shards):
+    from dbot_ds.data.augment import Views
+    from dbot_ds.data.stream import build_train_loader
+    kw = dict(img_size=8, micro_batch=4, num_workers=0, seed=0, rank=0, world_size=1, shuffle_buffer=1)
+    plain, _ = next(iter(build_train_loader(sorted_shards, **kw)))
+    views, info = next(iter(build_train_loader(sorted_shards, **kw, teacher_size=12)))
+    assert isinstance(views, Views) and views.student.shape == (4, 3, 8, 8) and views.teacher.shape == (4, 3, 12, 12)
+    assert torch.equal(views.student, plain) and info.skipped == 0
 
 
 @pytest.mark.parametrize("override,message", [

@@ -183,3 +183,16 @@ def test_truncated_shard_counts_what_the_loader_reads(tmp_path, capsys):
     assert (d.num_shards, d.num_samples, d.skipped) == (2, 10 + readable, ())
     assert f"shard {cut} is damaged (tarfile: unexpected end of data): counted the 7 samples" in capsys.readouterr().out
     assert str(cut) not in json.loads((run / COUNTS_FILE).read_text())["files"]
+
+
+def test_imagenet_presets_read_exact_epochs_and_refuse_a_subset_naming_both_ways_out(tmp_path, shards):
+    """The published presets use exact epochs (the reference's DistributedSampler); their data.num_samples checks
+    that the shards are the whole ImageNet-1K train set."""
+    for preset in ("vit_b", "vit_l_from_h", "vit_h_clip"):
+        assert load_config(preset=preset).data.resampled is False, preset
+    assert load_config(preset="demo").data.resampled is True
+    with pytest.raises(ConfigError, match=r"data.num_samples=1281167 but the shards hold 256 samples .*"
+                                          r"set data.num_samples=0 .* or data.resampled=true"):
+        resolve_dataset(load_config(preset="vit_b", overrides=[f"data.shards={shards}"]), 0, tmp_path / "run")
+    subset = load_config(preset="vit_b", overrides=[f"data.shards={shards}", "data.num_samples=0"])
+    assert resolve_dataset(subset, 0, tmp_path / "run").num_samples == 256

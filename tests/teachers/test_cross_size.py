@@ -3,9 +3,12 @@ so the token grids agree), the 3-stage presets, and the numerics options (teache
 optim.grad_reduce_dtype)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_metrics
 
 from dbot_ds.config import ConfigError, load_config
 from dbot_ds.plan.stages import make_plan
@@ -90,17 +93,36 @@ def test_no_input_size_that_aligns_the_grids_names_the_one_that_works(tmp_path):
         load_config(overrides=BASE + ["teacher.input_size=16"])
 
 
-@pytest.mark.parametrize("name,student,teacher_arch,input_size,student_grid,teacher_patch", [
-    ("vit_b_from_l", "vit_base_patch16", "vit_large_patch16", 0, 14, 16),
-    ("vit_b_from_h", "vit_base_patch16", "vit_huge_patch14", 196, 14, 14),
-    ("vit_h_from_l", "vit_huge_patch14", "vit_large_patch16", 256, 16, 16)])
-def test_cross_size_presets(name, student, teacher_arch, input_size, student_grid, teacher_patch):
+@pytest.mark.parametrize("name,student,teacher_arch,input_size,clip_grad,drop_path", [
+    ("vit_b_from_l", "vit_base_patch16", "vit_large_patch16", 0, 3.0, 0.2),
+    ("vit_b_from_h", "vit_base_patch16", "vit_huge_patch14", 196, 3.0, 0.2),
+    ("vit_l_from_h", "vit_large_patch16", "vit_huge_patch14", 196, 0.0, 0.2)])   # the 86.8 row: L student, H teacher
+def test_cross_size_presets(name, student, teacher_arch, input_size, clip_grad, drop_path):
     cfg = load_config(preset=name)
     m, t = cfg.model, cfg.teacher
     assert (m.arch, t.source, t.arch, t.input_size) == (student, "vit", teacher_arch, input_size)
     assert cfg.schedule.stage_epochs == [1600] and cfg.schedule.warmup_epochs == 40
-    assert m.img_size // m.patch_size == student_grid
-    assert grid_check("ViT", 224, teacher_patch, input_size, m.img_size, m.patch_size) == student_grid
+    assert (cfg.optim.clip_grad, m.drop_path, cfg.data.resampled) == (clip_grad, drop_path, False)
+    teacher_patch = int(teacher_arch[-2:])
+    assert grid_check("ViT", 224, teacher_patch, input_size, m.img_size, m.patch_size) == 14 == m.img_size // m.patch_size
+
+
+def test_vit_l_from_h_trains_two_steps_of_a_tiny_stand_in(tmp_path, shards):
+    """The preset as published (L/16 student, frozen H/14 teacher at 196 px), shrunk: a /4 student at 32 px (8x8)
+    and a /2 teacher trained at 28 px read at 16 px (8x8), its positions interpolated 14x14 -> 8x8. The loader
+    cuts the teacher's 16 px view from each crop."""
+    from conftest import run
+    weights = save(timm_vit(img=28, patch=2), tmp_path / "h14_stand_in.safetensors")
+    out = tmp_path / "run"
+    proc = run([sys.executable, "-m", "dbot_ds.pretrain", "--preset", "vit_l_from_h", "model.arch=vit_tiny_patch4",
+                f"teacher.weights={weights}", "teacher.arch=", "teacher.num_heads=2", "teacher.input_size=16",
+                "schedule.stage_epochs=[]", "schedule.stage_steps=[2]", "schedule.warmup_epochs=0",
+                "optim.global_batch=8", "optim.micro_batch=8", f"data.shards={shards}", "data.num_samples=0",
+                "data.num_workers=0", f"run.out_dir={out}", "run.log_every=1", "run.progress=false"])
+    assert proc.returncode == 0, proc.tail
+    assert "patch 2 at 16 px (8x8)" in proc.stdout and "the teacher's own 16 px view" in proc.stdout
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 10 for r in rows)
 
 
 @pytest.mark.parametrize("name,depths", [("vit_b_3stage", (12, 12, 12)), ("vit_l_3stage", (0, 24, 24))])

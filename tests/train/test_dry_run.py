@@ -166,7 +166,7 @@ def test_vit_h_dry_run_on_a_cpu_plans_memory_and_time_for_a_card(tmp_path, shard
     at ViT-H size (the memory and time models count parameters on the meta device)."""
     out = tmp_path / "vit_h"
     proc = run([sys.executable, "-c", PROBE, "--preset", "vit_h", "--dry-run", "--card", "A100",
-                f"data.shards={shards}", f"run.out_dir={out}", "optim.precision=bf16"])
+                f"data.shards={shards}", f"run.out_dir={out}", "optim.precision=bf16", "data.resampled=true"])
     assert proc.returncode == 0, proc.tail
     text = proc.stdout
     assert "probe: rc=0 deepspeed_comm=False engines=0" in text and not out.exists()

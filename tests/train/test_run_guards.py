@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, deepspeed_cmd, launch_pretrain, read_metrics, run
+from testkit import resume_check
 
+from dbot_ds.config import ConfigError
 from dbot_ds.data.synthetic import write_synthetic_shards
 
 pytestmark = pytest.mark.slow       # every test here starts real processes or trains a run
@@ -52,13 +54,15 @@ def test_resume_refuses_another_dataset_size_unless_the_saved_plan_is_kept(tmp_p
     common = ["schedule.stage_epochs=[1,1]", "schedule.warmup_epochs=0", "data.num_workers=0", "run.progress=false",
               "run.save_every=100", "data.shuffle_buffer=32", f"run.out_dir={tmp_path / 'run'}"]
     launch_pretrain(0, common + [f"data.shards={shards}", "run.stop_after_steps=4"])
-    for n in (512, 128):
+    for n in (512, 128):               # the start's own check, in this process (test_distributed: a refused launch)
         other = tmp_path / f"data{n}"
         write_synthetic_shards(other, n, img_size=32, per_shard=64)
-        proc = launch_pretrain(0, common + [f"data.shards={other}"], expect_rc=2)
-        assert "written for a dataset of 256 samples and a stage plan of [4, 4] steps" in proc.tail, proc.tail
-        assert f"this run has {n} samples" in proc.tail and f"[{n // 64}, {n // 64}]" in proc.tail
-        assert "run.keep_saved_plan=true" in proc.tail
+        with pytest.raises(ConfigError) as refused:
+            resume_check(tmp_path / "run", common + [f"data.shards={other}"])
+        message = str(refused.value)
+        assert "written for a dataset of 256 samples and a stage plan of [4, 4] steps" in message, message
+        assert f"this run has {n} samples" in message and f"[{n // 64}, {n // 64}]" in message
+        assert "run.keep_saved_plan=true" in message
     proc = launch_pretrain(0, common + [f"data.shards={tmp_path / 'data512'}", "run.keep_saved_plan=true"])
     assert "at step 4 (stage 1)" in proc.tail and "done: step 8/8" in proc.tail
     switches = [m for m in read_metrics(tmp_path / "run") if m.get("event") == "stage_switch"]
