@@ -62,10 +62,28 @@ def deepspeed_cmd(nproc: int) -> list[str]:
 def torchrun_cmd(nproc: int) -> list[str]:
     """torchrun: it sets the same RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* as the `deepspeed` launcher, without
     that launcher's two extra DeepSpeed imports before the ranks start (a 2-rank launch here: 11 s instead of 26 s).
-    Tests use it where the run must succeed; where a rank must fail with our exit code they use `deepspeed`, which
-    passes it on (torchrun reports every failure as 1). test_launch and one resume test keep `deepspeed`."""
+    torchrun exits 1 for any failed rank; `run` reads the ranks' own exit code from its report (test_launch tests
+    the `deepspeed` launcher itself)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(free_port())]
+
+
+# torchrun's failure report: its own traceback (ChildFailedError), then per failed rank "exitcode  : N".
+_TORCHRUN_REPORT = re.compile(r"Traceback \(most recent call last\):\n(?:(?!Traceback).*\n)*?"
+                              r"torch\.distributed\.elastic\.multiprocessing\.errors\.ChildFailedError:.*\n"
+                              r"(?:.*\n)*?Root Cause \(first observed failure\):\n(?:.*\n)*?\s*exitcode\s*: (-?\d+)"
+                              r"(?:.*\n)*?=+\n?")
+
+
+def _rank_exit_code(proc: subprocess.CompletedProcess) -> None:
+    """A failed torchrun launch: its exit code becomes the first failed rank's, and its own traceback and report
+    leave the output (tests check the ranks' output, e.g. that no rank printed a traceback)."""
+    for name in ("stdout", "stderr"):
+        text = getattr(proc, name)
+        match = _TORCHRUN_REPORT.search(text)
+        if match:
+            proc.returncode = int(match.group(1))
+            setattr(proc, name, text[:match.start()] + text[match.end():])
 
 
 def last_wins(cmd: list[str]) -> list[str]:
@@ -96,15 +114,17 @@ def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
         out = ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace")[-4000:]
         pytest.fail(f"`{' '.join(cmd)}` did not finish in {timeout} s. Is the machine overloaded, or is DeepSpeed "
                     f"building its CPU op (see its output)? Last output:\n{out}", pytrace=False)
+    if proc.returncode and "torch.distributed.run" in cmd:
+        _rank_exit_code(proc)
     proc.tail = (proc.stdout + proc.stderr)[-6000:]
     return proc
 
 
 def launch_pretrain(nproc: int, overrides: list[str], expect_rc: int = 0,
-                    launcher: str | None = None) -> subprocess.CompletedProcess:
-    """`dbot_ds.pretrain --preset demo ...` on N ranks: under torchrun if it must succeed, else (or if
-    launcher="deepspeed") under `deepspeed --num_gpus N`; a plain process for N = 0."""
-    if nproc and (launcher or ("torchrun" if expect_rc == 0 else "deepspeed")) == "deepspeed":
+                    launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """`dbot_ds.pretrain --preset demo ...` on N ranks under torchrun (or launcher="deepspeed": `deepspeed
+    --num_gpus N`); a plain process for N = 0. `expect_rc`: the ranks' exit code."""
+    if nproc and launcher == "deepspeed":
         cmd = deepspeed_cmd(nproc) + ["--module", "dbot_ds.pretrain", "--preset", "demo"] + overrides
     elif nproc:
         cmd = torchrun_cmd(nproc) + ["-m", "dbot_ds.pretrain", "--preset", "demo"] + overrides

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, deepspeed_cmd, launch_pretrain, run
+from conftest import TINY, launch_pretrain, run, torchrun_cmd
 
 from dbot_ds.checkpoint import safety as ckpt_safety
 
@@ -255,7 +255,7 @@ def test_two_ranks_refuse_a_file_only_rank_1_checks(shards, tmp_path):
     assert files[shard1]["sha256"] == ckpt_safety.sha256_file(tag_dir / shard1) and len(files) == 4
     poison(tag_dir, shard1, marker)
     t0 = time.time()
-    proc = run(deepspeed_cmd(2) + ["--module", "dbot_ds.pretrain", "--preset", "demo"] + args, timeout=120)
+    proc = run(torchrun_cmd(2) + ["-m", "dbot_ds.pretrain", "--preset", "demo"] + args, timeout=120)
     assert proc.returncode == 2, proc.tail
     assert_refused(proc.tail, shard1, "posix.system")
     assert time.time() - t0 < 100 and not marker.exists()

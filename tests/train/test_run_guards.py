@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TINY, deepspeed_cmd, launch_pretrain, read_metrics, run
+from conftest import TINY, launch_pretrain, read_metrics, run, torchrun_cmd
 from testkit import resume_check
 
 from dbot_ds.config import ConfigError
@@ -29,7 +29,7 @@ def test_skipped_steps_are_counted_and_a_run_of_them_stops(tmp_path, shards, ds,
     overrides = TINY + [f"data.shards={shards}", f"run.out_dir={tmp_path}", "schedule.stage_steps=[12]",
                         "schedule.warmup_steps=1", "run.log_every=4", "run.save_every=4", f"deepspeed.config={ds}",
                         "optim.precision=bf16"]      # the subject: DeepSpeed's bf16 overflow check
-    proc = run(deepspeed_cmd(2) + ["tests/skip_probe.py", "--preset", "demo"] + overrides)
+    proc = run(torchrun_cmd(2) + ["tests/skip_probe.py", "--preset", "demo"] + overrides)
     assert proc.returncode == 3, proc.tail
     assert ("DeepSpeed skipped 3 optimizer steps in a row, from stage 0, step 6 of the stage (global step 6)"
             in proc.tail), proc.tail
