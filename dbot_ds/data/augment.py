@@ -93,8 +93,8 @@ class _Decoder:
 
     With `teacher_size` (T px) the same crop box is also resized to T x T with bicubic, the reference's second
     view for a teacher of another patch size: one decode, one crop, two resizes from the crop's own pixels (not a
-    resize of the S px view). Without it, the RNG draws are those of torchvision's v2 pipeline
-    (ColorJitter, RandomResizedCrop, RandomHorizontalFlip), so the student's view is the same either way.
+    resize of the S px view). The RNG draws are those of torchvision's v2 pipeline (ColorJitter,
+    RandomResizedCrop, RandomHorizontalFlip), so the student's view is the same with or without the teacher's.
 
     Each image's augmentation is seeded by its own integer, so a stream can skip ahead (resume) without
     replaying the RNG, and the caller's global torch RNG is left as it was."""

@@ -1,6 +1,6 @@
 """Resume on another layout through DeepSpeed's universal checkpoint, with real processes: 2 ranks ZeRO-2 ->
-1 rank -> 2 ranks -> 2 ranks ZeRO-3 -> 2 ranks ZeRO-2, each resume followed by a stage switch, on an exact-epoch
-stream whose epochs are carried over between reader layouts."""
+1 rank -> 2 ranks -> 2 ranks ZeRO-3, each resume followed by a stage switch, on an exact-epoch stream whose epochs
+are carried over between reader layouts."""
 from __future__ import annotations
 
 import itertools
@@ -21,7 +21,7 @@ def _launch(nproc: int, overrides: list[str], probe_out) -> str:
     cmd = (torchrun_cmd(nproc) + ["tests/reshard_probe.py"] if nproc else ["python", "tests/reshard_probe.py"])
     proc = run(cmd + ["--preset", "demo"] + overrides)
     assert proc.returncode == 0, proc.tail
-    return proc.tail
+    return proc.stdout + proc.stderr              # all of it: ZeRO-3's deprecation warnings can fill the tail
 
 
 def _same(saved: dict, resumed: dict) -> None:
@@ -63,7 +63,7 @@ def test_resume_on_other_world_sizes_and_zero_stages(tmp_path):
     probe.mkdir()
     out = [f"run.out_dir={runs}"]
     # (ranks, ZeRO config, stop at step): every resume lands one step before a stage end.
-    chain = [(2, "zero2", 1), (0, "zero2", 3), (2, "zero2", 5), (2, "zero3", 7), (2, "zero2", 0)]
+    chain = [(2, "zero2", 1), (0, "zero2", 3), (2, "zero2", 5), (2, "zero3", 0)]
     previous = None
     for nproc, ds, stop in chain:
         steps = stop - (previous or 0) if stop else 0         # run.stop_after_steps counts this launch's steps
@@ -73,7 +73,7 @@ def test_resume_on_other_world_sizes_and_zero_stages(tmp_path):
             assert "converting" in tail and "universal format" in tail
             _same(torch.load(probe / f"saved_{previous}.pt"), torch.load(probe / f"resumed_{previous}_w{world}_z{zero}.pt"))
         previous = stop
-    for step in (1, 2, 3, 4, 5, 6, 7, 8, 10):           # Adam's step count = optimizer steps, in every layout
+    for step in (1, 2, 3, 4, 5, 6, 8, 10):              # Adam's step count = optimizer steps, in every layout
         assert torch.load(probe / f"saved_{step}.pt")["steps"] == [step], step
     batches = [json.loads(line) for line in (probe / "batches.jsonl").read_text().splitlines()]
     assert len({b["launch"] for b in batches}) == len(chain)
