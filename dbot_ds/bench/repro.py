@@ -7,8 +7,8 @@ Data: scikit-learn's handwritten digits (1,797 real 8x8 images, 10 classes; `dbo
 Model: the demo preset's tiny ViT (width 96, depth 4, patch 4), 2 stages, run by the real trainer
 (`dbot-pretrain`, one process, fp32). The regime (REGIME below): 1000 steps a stage at batch 128 (about 90
 epochs of the 1,437 images), a random stage-0 teacher as deep as the student (`teacher.init_depth` = depth), milder
-crops (area 0.35-1, bilinear, no flip): on 1,437 small digits the ImageNet crops (area 0.2-1, flips) make
-targets that a 4-block student cannot predict across views. For each seed, three encoders are measured with
+crops (area 0.35-1, bilinear, no flip): the regime in which an independent minimal loop showed both claims
+(issue 22). For each seed, three encoders are measured with
 `dbot-eval` (kNN k=20 T=0.07, and MAE's linear probe on cls and on mean-pooled features):
 - `init`: the random initial student encoder (what stage 0 starts from);
 - `stage0`: the encoder at the end of stage 0 (distilled from the random teacher);

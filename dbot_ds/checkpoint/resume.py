@@ -72,7 +72,8 @@ def _resume_plan(cfg: Config, saved: dict, tag: str, plan: StagePlan, dataset: D
     plan_differs = old_lengths is not None and (tuple(old_lengths), old_warmup) != (plan.lengths, plan.warmup_steps)
     if not (size_differs or plan_differs):
         return plan
-    # Exact epochs in steps depend on the reader layout (padding repeats): on a new layout the run keeps its clock.
+    # Schedule epochs are N // global_batch steps in both data modes; checkpoints planned before that (exact
+    # epochs counted as the padded pass) differ on a new reader layout only: such a run keeps its own clock.
     layout_only = not size_differs and not cfg.data.resampled and _saved_geometry(saved) != geometry(cfg, world_size)
     if cfg.run.keep_saved_plan or layout_only:
         return dataclasses.replace(plan, lengths=tuple(old_lengths), warmup_steps=old_warmup)

@@ -51,8 +51,7 @@ class Preflight:
         self.pattern = self.dataset.pattern
         if self.rank == 0:
             print(f"[dbot] {self.dataset.describe()}", flush=True)
-            if self._teacher_view_size():
-                size = self._teacher_view_size()
+            if size := self._teacher_view_size():
                 print(f"[dbot] data: each crop also gives the teacher's own {size} px view (teacher.input_size; "
                       f"bicubic from the crop, as the reference's second_input_size)", flush=True)
         self.step, self.samples_seen = 0, 0
