@@ -4,6 +4,7 @@ folder that is read-only or full."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -94,8 +95,16 @@ def test_skipped_samples_after_resume_equal_an_uninterrupted_run(tmp_path, shard
                      "schedule.warmup_steps=1", "run.log_every=1", "run.save_every=5"]
     full, parts = tmp_path / "full", tmp_path / "parts"
     launch_pretrain(2, common + [f"run.out_dir={full}"])
-    launch_pretrain(2, common + [f"run.out_dir={parts}", "run.stop_after_steps=7"])
-    launch_pretrain(2, common + [f"run.out_dir={parts}"])
+    # The interrupted run: the full run's folder as it stood when its step-5 checkpoint was the latest (one launch
+    # fewer than training steps 1-5 again; the resume below reads only that checkpoint and truncates the log).
+    shutil.copytree(full, parts)
+    ckpts = parts / "checkpoints"
+    for later in ckpts.glob("step*"):
+        if later.name > "step00000005":
+            shutil.rmtree(later)
+    (ckpts / "latest").write_text("step00000005")
+    proc = launch_pretrain(2, common + [f"run.out_dir={parts}"])
+    assert "resumed from" in proc.tail and "at step 5" in proc.tail, proc.tail
     expected = {m["step"]: m["skipped_samples"] for m in _records(full)}
     got = {m["step"]: m["skipped_samples"] for m in _records(parts)}
     assert sorted(got) == list(range(1, 13)) and got == expected
