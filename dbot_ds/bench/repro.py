@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from dbot_ds.bench.repro_loop import ABLATIONS
+
 ENCODERS = ("init", "stage0", "stage1")
 METRICS = ("knn_top1_mean", "knn_top1_cls", "linear_top1_mean", "linear_top1_cls")
 # The miniature's regime, on top of the demo preset (dbot-pretrain overrides after `--` win over these).
@@ -68,15 +70,29 @@ def _dbot_eval(argv: list[str]) -> dict:
     return evaluate.evaluate(args, 0, 1, torch.device("cpu"))
 
 
+def _train_minimal(overrides: list[str], train: Path, out: Path, ablate: str) -> None:
+    """The two stages in the plain loop of bench/repro_loop.py instead of `dbot-pretrain`."""
+    from dbot_ds.bench.repro_loop import train_two_stages
+    from dbot_ds.config import load_config
+    from dbot_ds.data.manifest import shard_pattern
+    from dbot_ds.evaluate.knn import load_labelled
+    cfg = load_config(preset="demo", overrides=overrides)
+    images = load_labelled(shard_pattern(train), cfg.model.img_size, crop_pct=1.0).images   # whole 32 px images
+    train_two_stages(cfg, images, out, ablate)
+
+
 def measure_seed(digits: Path, out: Path, seed: int, stage_steps: int, batch: int, linear_epochs: int,
-                 extra: list[str]) -> dict:
+                 extra: list[str], loop: str = "trainer", ablate: str = "none") -> dict:
     run = out / f"seed{seed}"
     overrides = _run_overrides(digits / "train", digits / "val", run, seed, stage_steps, batch, extra)
-    proc = subprocess.run([sys.executable, "-m", "dbot_ds.pretrain", "--preset", "demo", "--resume", "none",
-                           *overrides], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"dbot-pretrain (seed {seed}) failed:\n{proc.stderr[-3000:]}")
-    _write_init_encoder(overrides, run / "stage_encoders" / "init")
+    if loop == "minimal":
+        _train_minimal(overrides, digits / "train", run / "stage_encoders", ablate)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "dbot_ds.pretrain", "--preset", "demo", "--resume", "none",
+                               *overrides], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"dbot-pretrain (seed {seed}) failed:\n{proc.stderr[-3000:]}")
+        _write_init_encoder(overrides, run / "stage_encoders" / "init")
     sets = ["--train", str(digits / "train"), "--query", str(digits / "val")]
     result = {}
     for name in ENCODERS:
@@ -88,7 +104,8 @@ def measure_seed(digits: Path, out: Path, seed: int, stage_steps: int, batch: in
                               "--seed", str(seed)])
             row[f"linear_top1_{pool}"] = lin["linear_top1"]
         result[name] = row
-    monitor = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "eval"]
+    log = run / "metrics.jsonl"                   # the trainer's; the minimal loop has no monitor
+    monitor = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "eval"] if log.exists() else []
     result["monitor"] = [{k: r[k] for k in ("step", "stage", "model", "knn_top1_mean", "knn_top1_cls")} for r in monitor]
     return result
 
@@ -129,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     per_seed = {}
     for seed in args.seeds:
         per_seed[seed] = measure_seed(digits, out, seed, args.stage_steps, args.batch, args.linear_epochs,
-                                      args.overrides)
+                                      args.overrides, args.loop, args.ablate)
         print(f"[dbot-bench] repro seed {seed}: " + json.dumps({k: v for k, v in per_seed[seed].items()
                                                                 if k != "monitor"}), file=sys.stderr)
     print(summary(per_seed), file=sys.stderr)
@@ -138,7 +155,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"[dbot-bench] {metric}: " + "; ".join(
             f"{claim} {c['gain']:+.1f} (sd {c['sd']:.1f}, smallest seed gain {c['min_seed_gain']:+.1f}): "
             f"{'shown' if c['shown'] else 'NOT shown'}" for claim, c in v.items()), file=sys.stderr)
-    print(json.dumps({"bench": "repro", "stage_steps": args.stage_steps, "batch": args.batch,
+    print(json.dumps({"bench": "repro", "loop": args.loop, "ablate": args.ablate,
+                      "stage_steps": args.stage_steps, "batch": args.batch,
                       "regime": REGIME, "overrides": args.overrides, "linear_epochs": args.linear_epochs,
                       "claims": claims, "seeds": per_seed}))
     return 0
@@ -151,5 +169,9 @@ def add_command(commands) -> None:
     p.add_argument("--stage-steps", type=int, default=1000, help="optimizer steps of each of the 2 stages")
     p.add_argument("--batch", type=int, default=128, help="images per step (one process)")
     p.add_argument("--linear-epochs", type=int, default=50, help="linear-probe epochs")
+    p.add_argument("--loop", choices=("trainer", "minimal"), default="trainer",
+                   help="trainer: dbot-pretrain; minimal: the plain PyTorch loop of bench/repro_loop.py")
+    p.add_argument("--ablate", choices=sorted(ABLATIONS), default="none",
+                   help="with --loop minimal: one change against the trainer's settings (bench/repro_loop.py)")
     p.add_argument("overrides", nargs="*", help="dbot-pretrain overrides (after --)")
     p.set_defaults(func=main)
