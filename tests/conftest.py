@@ -15,6 +15,12 @@ OVERRIDE = re.compile(r"^[a-z_]+\.[a-z_0-9]+=")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# torch.compile's on-disk cache is keyed without ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (torch 2.14): code
+# compiled under one cap and loaded under another gave NaN or aborted the whole pytest process (a Xeon run natively
+# after an AVX2-capped run). One cache per cap; a user's own TORCHINDUCTOR_CACHE_DIR wins.
+_CAP = "-".join(os.environ.get(k, "native") for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")).lower()
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", f"/tmp/torchinductor_dbot_tests_{_CAP}")
+
 # Tiny two-stage run used by the multi-process tests: 2 ranks x micro 8 = global 16, no loader workers.
 TINY = ["schedule.stage_epochs=[]", "schedule.warmup_epochs=0", "optim.global_batch=16", "optim.micro_batch=8",
         "data.num_workers=0", "data.shuffle_buffer=32", "run.progress=false",
