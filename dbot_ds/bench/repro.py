@@ -105,8 +105,9 @@ def measure_seed(digits: Path, out: Path, seed: int, stage_steps: int, batch: in
             row[f"linear_top1_{pool}"] = lin["linear_top1"]
         result[name] = row
     log = run / "metrics.jsonl"                   # the trainer's; the minimal loop has no monitor
-    monitor = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "eval"] if log.exists() else []
-    result["monitor"] = [{k: r[k] for k in ("step", "stage", "model", "knn_top1_mean", "knn_top1_cls")} for r in monitor]
+    records = map(json.loads, log.read_text().splitlines()) if log.exists() else []
+    keep = ("step", "stage", "model", "knn_top1_mean", "knn_top1_cls")
+    result["monitor"] = [{k: r[k] for k in keep} for r in records if r.get("event") == "eval"]
     return result
 
 

@@ -29,6 +29,8 @@ ABLATIONS = {
     "square": "square crops (aspect ratio 1) instead of 3/4-4/3",
     "no_normalize": "pixels / 255 - 0.5 instead of ImageNet mean and std",
     "keep_student": "no re-initialisation at the swap: stage 1 continues from the stage-0 student",
+    "same_init": "the stage-1 student re-initialised to the stage-0 student's initial weights (same seed)",
+    "other_teacher": "the stage-0 teacher from another random init than the student's (seed + 1000)",
 }
 
 
@@ -77,7 +79,8 @@ def train_two_stages(cfg, images: torch.Tensor, out: Path, ablate: str = "none")
     plan = make_plan(cfg, 0)
     student = build_student(cfg.model, seed=mix_seed(seed, 0)).train()
     write_stage_encoder(_encoder_state(student), cfg, out / "init", stage=-1, step=0)
-    teacher = _teacher(cfg, plan.teacher_depths[0], _encoder_state(student))
+    first = (build_student(cfg.model, seed=mix_seed(seed + 1000, 0)) if ablate == "other_teacher" else student)
+    teacher = _teacher(cfg, plan.teacher_depths[0], _encoder_state(first))
     groups = param_groups(student, o.weight_decay)
     if ablate == "decay_all":
         groups = [{"params": [p for g in groups for p in g["params"]], "weight_decay": o.weight_decay}]
@@ -102,7 +105,7 @@ def train_two_stages(cfg, images: torch.Tensor, out: Path, ablate: str = "none")
             if stage + 1 < plan.num_stages:
                 teacher = _teacher(cfg, plan.teacher_depths[stage + 1], state)
                 if ablate != "keep_student":                # in place: AdamW keeps its moments, as the reference
-                    fresh = build_student(cfg.model, seed=mix_seed(seed, stage + 1))
+                    fresh = build_student(cfg.model, seed=mix_seed(seed, 0 if ablate == "same_init" else stage + 1))
                     with torch.no_grad():
                         for p, q in zip(student.parameters(), fresh.parameters()):
                             p.copy_(q)
