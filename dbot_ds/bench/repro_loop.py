@@ -79,7 +79,7 @@ def train_two_stages(cfg, images: torch.Tensor, out: Path, ablate: str = "none")
     plan = make_plan(cfg, 0)
     student = build_student(cfg.model, seed=mix_seed(seed, 0)).train()
     write_stage_encoder(_encoder_state(student), cfg, out / "init", stage=-1, step=0)
-    first = (build_student(cfg.model, seed=mix_seed(seed + 1000, 0)) if ablate == "other_teacher" else student)
+    first = build_student(cfg.model, seed=mix_seed(seed + 1000, 0)) if ablate == "other_teacher" else student
     teacher = _teacher(cfg, plan.teacher_depths[0], _encoder_state(first))
     groups = param_groups(student, o.weight_decay)
     if ablate == "decay_all":
