@@ -69,6 +69,13 @@ def _encoder_state(student) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in student.encoder.named_parameters()}
 
 
+def initial_student(cfg, out: Path) -> torch.nn.Module:
+    """The student both loops start from (seeded as the trainer seeds it), its encoder written to out/init."""
+    student = build_student(cfg.model, seed=mix_seed(cfg.run.seed, 0))
+    write_stage_encoder(_encoder_state(student), cfg, out / "init", stage=-1, step=0)
+    return student
+
+
 def train_two_stages(cfg, images: torch.Tensor, out: Path, ablate: str = "none") -> None:
     """Train every stage of `cfg`'s plan on uint8 `images` [N, 3, H, W]; write the initial and each stage-end
     encoder to out/{init, stage0, stage1, ...} as `write_stage_encoder` export folders (what `dbot-eval` reads)."""
@@ -77,8 +84,7 @@ def train_two_stages(cfg, images: torch.Tensor, out: Path, ablate: str = "none")
     seed, o = cfg.run.seed, cfg.optim
     torch.manual_seed(seed)                                # torchvision's crop parameters draw from it
     plan = make_plan(cfg, 0)
-    student = build_student(cfg.model, seed=mix_seed(seed, 0)).train()
-    write_stage_encoder(_encoder_state(student), cfg, out / "init", stage=-1, step=0)
+    student = initial_student(cfg, out).train()
     first = build_student(cfg.model, seed=mix_seed(seed + 1000, 0)) if ablate == "other_teacher" else student
     teacher = _teacher(cfg, plan.teacher_depths[0], _encoder_state(first))
     groups = param_groups(student, o.weight_decay)

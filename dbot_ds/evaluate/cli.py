@@ -11,7 +11,8 @@ What it measures:
 - Images: every sample of labelled webdataset shards (a `cls` key), centre-cropped to the encoder's input size
   (or --img-size); each rank decodes only its share (every world-size-th image) and keeps it in memory as uint8
   (`dbot_ds.evaluate.knn.load_shares`; --limit caps large sets).
-  Without --query, every --query-every-th --train image is a query and the rest is the bank.
+  Without --query, every --query-every-th --train image is a query and the rest is the bank; with
+  --leave-one-out (knn), every --train image is a query and all the others are its bank.
 - Features: `forward_features` tokens [B, 1 + N, D] after the final norm, pooled ("mean" of the patch tokens and
   "cls") and L2-normalised, fp32 (`dbot_ds.evaluate.knn.extract`).
 - knn: DINO's weighted kNN (k=20, T=0.07) for both pools, in percent rounded to 3 decimals. On a run's
@@ -176,17 +177,19 @@ def load_sets(train: str, query: str | None, query_every: int, img_size: int, li
     return sets["bank"], sets["query"]
 
 
-def check_sets(bank: Share, query: Share, k: int | None, split: bool) -> None:
-    """Refuse sets that cannot give a result, before any image is encoded."""
+def check_sets(bank: Share, query: Share, k: int | None, split: bool, leave_one_out: bool = False) -> None:
+    """Refuse sets that cannot give a result, before any image is encoded. leave_one_out: query is bank, and each
+    query's own image does not vote."""
     n_bank, n_query = len(bank.labels), len(query.labels)
     if n_query == 0:
         raise EvalUsageError("no query images; give --query PATTERN, or a --train set with images")
     if split and n_bank == 0:
         raise EvalUsageError(f"--train holds {n_query} image(s), all of them queries: the bank is empty; raise "
                              "--query-every or give more --train images")
-    if k is not None and n_bank < k:
-        raise EvalUsageError(f"--k {k} is more than the bank's {n_bank} images; lower --k or give more --train "
-                             "images (raise --limit)")
+    if k is not None and n_bank - leave_one_out < k:
+        others = " other" if leave_one_out else ""
+        raise EvalUsageError(f"--k {k} is more than the bank's {n_bank - leave_one_out}{others} images; lower --k or "
+                             "give more --train images (raise --limit)")
     if k is None and n_bank < 2:
         raise EvalUsageError(f"the linear probe needs at least 2 --train images (batch norm), got {n_bank}")
 
@@ -264,6 +267,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     knn = evals.add_parser("knn", parents=[common], help="DINO's weighted kNN, mean and cls pooling")
     knn.add_argument("--k", type=_positive, default=20, help="neighbours that vote (default 20)")
     knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
+    knn.add_argument("--leave-one-out", action="store_true",
+                     help="every --train image is a query, voted on by all the others (no --query / --query-every): "
+                          "scores a small labelled set on all its images instead of a held-out fifth")
     lin = evals.add_parser("linear", parents=[common], help="MAE's linear probe (SGD) on cached features")
     lin.add_argument("--pool", choices=POOLS, default="cls", help="features the head sees (default cls, as MAE)")
     lin.add_argument("--epochs", type=_positive, default=90)
@@ -276,8 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _scores(args: argparse.Namespace, bank_f: dict, bank: Share, query_f: dict, query: Share) -> dict:
     if args.eval == "knn":
-        return {"k": args.k, "temperature": args.temperature,
-                **knn_scores(bank_f, bank.labels, query_f, query.labels, args.k, args.temperature)}
+        return {"k": args.k, "temperature": args.temperature, "leave_one_out": args.leave_one_out,
+                **knn_scores(bank_f, bank.labels, query_f, query.labels, args.k, args.temperature,
+                             leave_one_out=args.leave_one_out)}
     probe = train_linear_probe(bank_f[args.pool], bank.labels, query_f[args.pool], query.labels, args.epochs,
                                args.lr, args.batch_size, args.weight_decay, args.seed)
     return {"pool": args.pool, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
@@ -294,15 +301,27 @@ def evaluate(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     if img_size % patch:
         raise EvalUsageError(f"--img-size {img_size} is not a multiple of the encoder's patch size {patch}; use "
                              f"e.g. {max(patch, img_size // patch * patch)}")
-    query_every = args.query_every or DEFAULT_QUERY_EVERY
+    loo = args.eval == "knn" and args.leave_one_out
+    if loo and (args.query is not None or args.query_every is not None):
+        raise EvalUsageError("--leave-one-out scores every --train image against the others: drop --query / "
+                             "--query-every")
+    query_every = 0 if loo else args.query_every or DEFAULT_QUERY_EVERY
     bank, query = load_sets(args.train, args.query, query_every, img_size, args.limit, rank, world)
-    check_sets(bank, query, args.k if args.eval == "knn" else None, split=args.query is None)
+    if loo:
+        query = bank
+    check_sets(bank, query, args.k if args.eval == "knn" else None, split=args.query is None and not loo,
+               leave_one_out=loo)
     if rank == 0:
         print(f"[dbot-eval] {args.eval}: bank {len(bank.labels)} images, queries {len(query.labels)}, {img_size} px, "
               f"{world} rank(s) on {device.type}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="dbot-eval-") as workdir:
         model = open_encoder(source, device, img_size, workdir, verbose=rank == 0)
-    bank_f, query_f = bank_and_query_features(model, bank, query, args.batch, rank, world, device)
+    if loo:                        # one set: encode it once
+        with tqdm(total=num_batches(len(bank.labels), world, args.batch), desc="features", unit="batch",
+                  disable=rank != 0, file=sys.stderr) as bar:
+            bank_f = query_f = features(model, bank, args.batch, rank, world, device, bar)
+    else:
+        bank_f, query_f = bank_and_query_features(model, bank, query, args.batch, rank, world, device)
     if rank != 0:                  # every rank holds all features; one computes and prints
         return None
     scores = _scores(args, bank_f, bank, query_f, query)

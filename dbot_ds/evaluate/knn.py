@@ -181,17 +181,27 @@ def extract(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
 @torch.no_grad()
 def weighted_knn(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
                  k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                 chunk: int = 1024) -> tuple[float, float]:
+                 chunk: int = 1024, leave_one_out: bool = False) -> tuple[float, float]:
     """DINO's weighted kNN. bank [N, D] and query [M, D] L2-normalised; labels int64. Returns (top-1, top-5)
-    accuracy in percent. Each query's k most similar bank items vote for their class with exp(sim / T)."""
-    if len(bank) < k:
+    accuracy in percent. Each query's k most similar bank items vote for their class with exp(sim / T).
+
+    leave_one_out: the queries are the bank itself (same items, same order) and each item's own entry is left
+    out of its vote, so every labelled image is a query without a held-out split (a small set's only way to
+    score all its images)."""
+    if leave_one_out and (len(query) != len(bank) or not torch.equal(query_labels, bank_labels)):
+        raise ValueError("leave_one_out needs the bank as its own query set (same items, same order)")
+    if len(bank) - leave_one_out < k:
         raise EvalDataError(f"the kNN bank holds {len(bank)} images, fewer than k={k}; lower k or use more images")
     num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
     bank, query = bank.float(), query.float()
     top1 = top5 = 0
     for start in range(0, len(query), chunk):
         q, y = query[start:start + chunk], query_labels[start:start + chunk].to(bank.device)
-        sim, idx = (q @ bank.T).topk(k, dim=1)                                 # [m, k]
+        sim = q @ bank.T                                                       # [m, N]
+        if leave_one_out:                                                      # an item is not its own neighbour
+            own = torch.arange(start, start + len(q), device=bank.device)
+            sim[torch.arange(len(q), device=bank.device), own] = -float("inf")
+        sim, idx = sim.topk(k, dim=1)                                          # [m, k]
         votes = torch.zeros(len(q), num_classes, device=bank.device)
         votes.scatter_add_(1, bank_labels.to(bank.device)[idx], (sim / temperature).exp())
         ranked = votes.topk(min(5, num_classes), dim=1).indices                # [m, <=5]
@@ -202,13 +212,16 @@ def weighted_knn(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
 
 
 def knn_scores(bank: dict[str, torch.Tensor], bank_labels: torch.Tensor, query: dict[str, torch.Tensor],
-               query_labels: torch.Tensor, k: int, temperature: float) -> dict[str, float]:
+               query_labels: torch.Tensor, k: int, temperature: float, leave_one_out: bool = False
+               ) -> dict[str, float]:
     """{"knn_top1_mean", "knn_top5_mean", "knn_top1_cls", "knn_top5_cls"} from pooled features of both sets, in
-    percent rounded to 3 decimals (the kNN monitor's `eval` records and `dbot-eval knn` both report these)."""
+    percent rounded to 3 decimals (the kNN monitor's `eval` records and `dbot-eval knn` both report these).
+    leave_one_out: the query set is the bank (see :func:`weighted_knn`)."""
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     out = {}
     for p in POOLS:
-        t1, t5 = weighted_knn(bank[p], bank_labels, query[p], query_labels, k, temperature, num_classes)
+        t1, t5 = weighted_knn(bank[p], bank_labels, query[p], query_labels, k, temperature, num_classes,
+                              leave_one_out=leave_one_out)
         out[f"knn_top1_{p}"], out[f"knn_top5_{p}"] = round(t1, 3), round(t5, 3)
     return out
 

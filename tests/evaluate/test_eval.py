@@ -83,6 +83,40 @@ def test_knn_cli_equals_knn_py_computed_directly(tiny_export, pattern, capsys):
     assert {k: got[k] for k in SCORES} == want                           # exactly
 
 
+def test_leave_one_out_scores_every_image_against_the_others():
+    from dbot_ds.evaluate.knn import weighted_knn
+    # Two tight pairs of opposite class: an image's nearest other is its pair-mate, so leave-one-out gets every
+    # one wrong (k=1), while letting each image vote for itself gets every one right.
+    feats = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]]), dim=1)
+    labels = torch.tensor([0, 1, 0, 1])
+    assert weighted_knn(feats, labels, feats, labels, k=1) == (100.0, 100.0)
+    assert weighted_knn(feats, labels, feats, labels, k=1, leave_one_out=True)[0] == 0.0
+    assert weighted_knn(feats, labels, feats, labels, k=1, leave_one_out=True, chunk=3)[0] == 0.0   # across chunks
+    with pytest.raises(ValueError, match="bank as its own query set"):
+        weighted_knn(feats, labels, feats[:2], labels[:2], k=1, leave_one_out=True)
+
+
+def test_leave_one_out_cli_equals_knn_py(tiny_export, pattern, capsys):
+    import dbot_ds
+    from dbot_ds.evaluate.knn import extract, knn_scores, load_labelled
+    rc, out, err = eval_cli(capsys, "knn", "--encoder", tiny_export, "--train", pattern, "--leave-one-out",
+                            "--device", "cpu", "--limit", "100")
+    assert rc == 0, err
+    got = json_line(out)
+    assert (got["num_bank"], got["num_query"], got["leave_one_out"]) == (100, 100, True)
+    data = load_labelled(pattern, 32, limit=100)
+    f = extract(dbot_ds.load_encoder(tiny_export).forward_features, data.images, 64, 2, torch.float32,
+                torch.device("cpu"))
+    want = knn_scores(f, data.labels, f, data.labels, k=20, temperature=0.07, leave_one_out=True)
+    assert {k: got[k] for k in SCORES} == want
+    rc, _, err = eval_cli(capsys, "knn", "--encoder", tiny_export, "--train", pattern, "--leave-one-out",
+                          "--query-every", "4")
+    assert rc == 2 and "--leave-one-out scores every --train image" in err
+    rc, _, err = eval_cli(capsys, "knn", "--encoder", tiny_export, "--train", pattern, "--leave-one-out",
+                          "--limit", "20", "--k", "20")
+    assert rc == 2 and "--k 20 is more than the bank's 19 other images" in err
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_numbers_of_one(tiny_export, pattern, capsys):
     args = ["knn", "--encoder", str(tiny_export), "--train", pattern, "--device", "cpu", "--batch", "24"]
