@@ -83,7 +83,7 @@ def _train_minimal(overrides: list[str], train: Path, out: Path, ablate: str) ->
     from dbot_ds.evaluate.knn import load_labelled
     cfg = load_config(preset="demo", overrides=overrides)
     images = load_labelled(shard_pattern(train), cfg.model.img_size, crop_pct=1.0).images   # whole 32 px images
-    train_two_stages(cfg, images, out, ablate)
+    train_two_stages(cfg, images, out, ablate, shards=shard_pattern(train))
 
 
 def _trained(run: Path) -> bool:

@@ -31,6 +31,7 @@ ABLATIONS = {
     "keep_student": "no re-initialisation at the swap: stage 1 continues from the stage-0 student",
     "same_init": "the stage-1 student re-initialised to the stage-0 student's initial weights (same seed)",
     "other_teacher": "the stage-0 teacher from another random init than the student's (seed + 1000)",
+    "trainer_stream": "the trainer's batches: its webdataset loader (build_train_loader) with the run's data.*",
 }
 
 
@@ -59,6 +60,20 @@ def _batches(images: torch.Tensor, batch: int, crop: v2.Transform, g: torch.Gene
         yield torch.stack([crop(images[i]) for i in idx.tolist()])
 
 
+def _trainer_batches(cfg, shards: str):
+    """The uint8 [batch, 3, S, S] batches `dbot-pretrain` would train on (one process): the same loader, seed
+    and data.* settings as Preflight builds (a fresh stream from epoch 0)."""
+    from dbot_ds.data.augment import Augment
+    from dbot_ds.data.stream import build_train_loader
+    d = cfg.data
+    loader = build_train_loader(shards, img_size=cfg.model.img_size, micro_batch=cfg.optim.global_batch,
+                                num_workers=d.num_workers, seed=cfg.run.seed if not d.resampled else
+                                mix_seed(cfg.run.seed, 0), rank=0, world_size=1, resampled=d.resampled,
+                                shuffle_buffer=d.shuffle_buffer, open_shards=d.open_shards,
+                                augment=Augment(tuple(d.crop_scale), d.hflip, d.interpolation, d.color_jitter))
+    return (batch for batch, _ in loader)
+
+
 def _teacher(cfg, depth: int, encoder_state: dict) -> torch.nn.Module:
     teacher = build_teacher(cfg.model, depth, final_norm=cfg.teacher.final_norm)
     teacher.load_state_dict(teacher_state_from_student(encoder_state, teacher), strict=False)
@@ -76,11 +91,14 @@ def initial_student(cfg, out: Path) -> torch.nn.Module:
     return student
 
 
-def train_two_stages(cfg, images: torch.Tensor, out: Path, ablate: str = "none") -> None:
+def train_two_stages(cfg, images: torch.Tensor, out: Path, ablate: str = "none", shards: str = "") -> None:
     """Train every stage of `cfg`'s plan on uint8 `images` [N, 3, H, W]; write the initial and each stage-end
-    encoder to out/{init, stage0, stage1, ...} as `write_stage_encoder` export folders (what `dbot-eval` reads)."""
+    encoder to out/{init, stage0, stage1, ...} as `write_stage_encoder` export folders (what `dbot-eval` reads).
+    `shards`: the same images as webdataset shards, read only by the trainer_stream ablation."""
     if ablate not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablate!r}; choose one of {sorted(ABLATIONS)}")
+    if ablate == "trainer_stream" and not shards:
+        raise ValueError("the trainer_stream ablation reads the shards: pass shards=PATTERN")
     seed, o = cfg.run.seed, cfg.optim
     torch.manual_seed(seed)                                # torchvision's crop parameters draw from it
     plan = make_plan(cfg, 0)
@@ -92,7 +110,8 @@ def train_two_stages(cfg, images: torch.Tensor, out: Path, ablate: str = "none")
         groups = [{"params": [p for g in groups for p in g["params"]], "weight_decay": o.weight_decay}]
     opt = torch.optim.AdamW(groups, lr=0.0, betas=(o.beta1, o.beta2), eps=o.eps)
     loss_of, crop = loss_fn(cfg), _crop(cfg, ablate)
-    batches = _batches(images, o.global_batch, crop, torch.Generator().manual_seed(seed))
+    batches = (_trainer_batches(cfg, shards) if ablate == "trainer_stream"
+               else _batches(images, o.global_batch, crop, torch.Generator().manual_seed(seed)))
     for step in range(plan.total_steps):
         for g in opt.param_groups:
             g["lr"] = plan.lr(step)

@@ -46,3 +46,14 @@ def test_keep_student_ablation_changes_only_stage_1(tmp_path, images):
     assert not all(a1[k].equal(b1[k]) for k in a1)
     with pytest.raises(ValueError, match="unknown ablation 'nope'"):
         train_two_stages(cfg, images, tmp_path / "c", ablate="nope")
+
+
+def test_trainer_stream_ablation_trains_on_the_trainers_batches(tmp_path, images, shards):
+    from dbot_ds.data.manifest import shard_pattern
+    cfg = load_config(preset="demo", overrides=OVERRIDES + ["data.resampled=false", "data.num_workers=0"])
+    train_two_stages(cfg, images, tmp_path / "a", ablate="trainer_stream", shards=shard_pattern(shards))
+    train_two_stages(cfg, images, tmp_path / "b")
+    a0, b0 = _encoder(tmp_path / "a" / "stage0"), _encoder(tmp_path / "b" / "stage0")
+    assert not all(a0[k].equal(b0[k]) for k in a0)                     # other batches, another stage 0
+    with pytest.raises(ValueError, match="pass shards=PATTERN"):
+        train_two_stages(cfg, images, tmp_path / "c", ablate="trainer_stream")
