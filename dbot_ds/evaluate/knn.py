@@ -191,7 +191,9 @@ def weighted_knn(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
     if leave_one_out and (len(query) != len(bank) or not torch.equal(query_labels, bank_labels)):
         raise ValueError("leave_one_out needs the bank as its own query set (same items, same order)")
     if len(bank) - leave_one_out < k:
-        raise EvalDataError(f"the kNN bank holds {len(bank)} images, fewer than k={k}; lower k or use more images")
+        raise EvalDataError(f"the kNN bank holds {len(bank) - leave_one_out} images (besides the query's own), "
+                            f"fewer than k={k}; lower k or use more images" if leave_one_out else
+                            f"the kNN bank holds {len(bank)} images, fewer than k={k}; lower k or use more images")
     num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
     bank, query = bank.float(), query.float()
     top1 = top5 = 0
